@@ -1,0 +1,157 @@
+//! Matrix-vector kernels: Q8_0 weights times Q8_0-quantized activations, and plain fp32.
+//!
+//! Activations are quantized per group exactly as the weights are (symmetric, scale =
+//! max|x| / 127, ties rounded away from zero), products are summed in int32 per group, and
+//! each group's sum is scaled in fp32 as `(sum * w_scale) * x_scale`, accumulated over the
+//! groups of a row in order. Integer sums are exact and the float steps run in the same order
+//! on every path, so every path returns bit-identical results to the portable one.
+//!
+//! Paths: `generic` (portable Rust, what runs on ARM and other targets), `avx2`, and
+//! `avx512` (AVX-512 BW + VNNI). The path is picked at run time from what the CPU reports, or
+//! forced with [`KernelPath::from_name`] (the `LLAMA2RNN_KERNEL` environment variable in the
+//! front ends).
+
+mod generic;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::error::{Error, Result};
+
+/// Largest magnitude of a quantized value; -128 is never produced.
+pub const Q_MAX: f32 = 127.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    Generic,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl KernelPath {
+    pub const ALL: [KernelPath; 3] = [KernelPath::Generic, KernelPath::Avx2, KernelPath::Avx512Vnni];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Generic => "generic",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            KernelPath::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest path this CPU supports.
+    pub fn detect() -> KernelPath {
+        [KernelPath::Avx512Vnni, KernelPath::Avx2]
+            .into_iter()
+            .find(|p| p.is_supported())
+            .unwrap_or(KernelPath::Generic)
+    }
+
+    /// All paths this CPU supports, portable first.
+    pub fn supported() -> Vec<KernelPath> {
+        Self::ALL.into_iter().filter(|p| p.is_supported()).collect()
+    }
+
+    /// Parses a path name ("auto" detects); rejects names this CPU cannot run.
+    pub fn from_name(name: &str) -> Result<KernelPath> {
+        if name == "auto" {
+            return Ok(Self::detect());
+        }
+        let path = Self::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+            Error::InvalidSetting(format!(
+                "unknown kernel path {name:?}: use auto, generic, avx2 or avx512vnni"
+            ))
+        })?;
+        if !path.is_supported() {
+            let names: Vec<_> = Self::supported().iter().map(|p| p.name()).collect();
+            return Err(Error::InvalidSetting(format!(
+                "kernel path {name:?} is not supported by this CPU; supported: {}",
+                names.join(", ")
+            )));
+        }
+        Ok(path)
+    }
+
+    /// `out[r] = dot(w row r, x)` for the `out.len()` rows whose int8 values start at `w_q`
+    /// (row-major, `cols` per row) and whose scales start at `w_scales`.
+    pub fn matvec_q8(self, out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
+        let cols = x.q.len();
+        debug_assert_eq!(w_q.len(), out.len() * cols);
+        debug_assert_eq!(w_scales.len() * x.group_size, w_q.len());
+        match self {
+            KernelPath::Generic => generic::matvec_q8(out, w_q, w_scales, x),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a path other than Generic is only constructed through `detect` or
+            // `from_name`, which check that the CPU supports it.
+            KernelPath::Avx2 => unsafe { x86::matvec_q8_avx2(out, w_q, w_scales, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            KernelPath::Avx512Vnni => unsafe { x86::matvec_q8_avx512vnni(out, w_q, w_scales, x) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => generic::matvec_q8(out, w_q, w_scales, x),
+        }
+    }
+}
+
+/// `out[r] = dot(w row r, x)` for fp32 weights (llama2.c versions 0 and 1).
+pub fn matvec_f32(out: &mut [f32], w: &[f32], x: &[f32]) {
+    generic::matvec_f32(out, w, x)
+}
+
+/// An activation vector quantized to Q8_0.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedVec {
+    pub q: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub group_size: usize,
+}
+
+impl QuantizedVec {
+    pub fn with_capacity(len: usize, group_size: usize) -> Self {
+        QuantizedVec {
+            q: Vec::with_capacity(len),
+            scales: Vec::with_capacity(len / group_size.max(1)),
+            group_size,
+        }
+    }
+
+    /// Quantizes `x` in place of the previous contents, reusing the buffers.
+    pub fn quantize_from(&mut self, x: &[f32]) {
+        let gs = self.group_size;
+        debug_assert!(gs > 0 && x.len() % gs == 0);
+        self.q.clear();
+        self.scales.clear();
+        for group in x.chunks_exact(gs) {
+            let max_abs = group.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = max_abs / Q_MAX;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            self.scales.push(scale);
+            // f32::round rounds half away from zero. Multiplying by the reciprocal can differ
+            // from dividing in the last bit, so divide, as the weight quantizer does.
+            self.q.extend(group.iter().map(|&v| {
+                let scaled = if inv == 0.0 { 0.0 } else { v / scale };
+                scaled.round().clamp(-Q_MAX, Q_MAX) as i8
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+use super::*;
+
+/// A small deterministic generator, so kernel tests need no extra crate.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+
+    fn int8(&mut self) -> i8 {
+        self.next_u32() as u8 as i8
+    }
+
+    fn unit(&mut self) -> f32 {
+        self.next_u32() as f32 / u32::MAX as f32 * 2.0 - 1.0
+    }
+}
+
+fn random_case(rng: &mut Lcg, rows: usize, cols: usize, gs: usize) -> (Vec<i8>, Vec<f32>, QuantizedVec) {
+    // Full int8 range for the weights, -128 included: the SIMD sign trick must handle it.
+    let w_q: Vec<i8> = (0..rows * cols).map(|_| rng.int8()).collect();
+    let w_s: Vec<f32> = (0..rows * cols / gs).map(|_| rng.unit().abs() * 0.01 + 1e-4).collect();
+    let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 3.0).collect();
+    let mut xq = QuantizedVec::with_capacity(cols, gs);
+    xq.quantize_from(&x);
+    (w_q, w_s, xq)
+}
+
+#[test]
+fn quantize_rounds_ties_away_from_zero() {
+    // max |x| = 127 gives scale 1, so x / scale is exact and 0.5 steps are true ties.
+    let x = [127.0, 0.5, -0.5, 1.5, -2.5, 0.49, -126.5, 0.0];
+    let mut q = QuantizedVec::with_capacity(8, 8);
+    q.quantize_from(&x);
+    assert_eq!(q.scales, vec![1.0]);
+    assert_eq!(q.q, vec![127, 1, -1, 2, -3, 0, -127, 0]);
+}
+
+#[test]
+fn quantize_zero_group_gives_zero_scale() {
+    let mut q = QuantizedVec::with_capacity(8, 4);
+    q.quantize_from(&[0.0, 0.0, 0.0, 0.0, 1.0, -2.0, 0.0, 0.0]);
+    assert_eq!(q.scales[0], 0.0);
+    assert_eq!(&q.q[..4], &[0, 0, 0, 0]);
+    assert_eq!(q.q[5], -127);
+}
+
+#[test]
+fn generic_matches_f32_dot_product() {
+    let mut rng = Lcg(7);
+    let (rows, cols, gs) = (5, 96, 32);
+    let (w_q, w_s, xq) = random_case(&mut rng, rows, cols, gs);
+    let mut out = vec![0.0; rows];
+    KernelPath::Generic.matvec_q8(&mut out, &w_q, &w_s, &xq);
+    for r in 0..rows {
+        let expected: f64 = (0..cols)
+            .map(|c| {
+                let w = w_q[r * cols + c] as f64 * w_s[(r * cols + c) / gs] as f64;
+                let a = xq.q[c] as f64 * xq.scales[c / gs] as f64;
+                w * a
+            })
+            .sum();
+        let tolerance = 1e-5 * expected.abs().max(1.0);
+        assert!((out[r] as f64 - expected).abs() < tolerance, "row {r}: {} vs {expected}", out[r]);
+    }
+}
+
+#[test]
+fn every_supported_path_matches_generic_bit_for_bit() {
+    let mut rng = Lcg(42);
+    // Group sizes that take the 64-byte, 32-byte and scalar branches; column counts that
+    // span one group and several.
+    for &(rows, cols, gs) in &[(3, 64, 64), (7, 288, 32), (4, 768, 64), (5, 96, 32), (6, 48, 16), (2, 45, 5), (9, 128, 128)] {
+        let (w_q, w_s, xq) = random_case(&mut rng, rows, cols, gs);
+        let mut expected = vec![0.0; rows];
+        KernelPath::Generic.matvec_q8(&mut expected, &w_q, &w_s, &xq);
+        for path in KernelPath::supported() {
+            let mut out = vec![0.0; rows];
+            path.matvec_q8(&mut out, &w_q, &w_s, &xq);
+            let same = out.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{} differs from generic for {rows}x{cols} gs {gs}", path.name());
+        }
+    }
+}
+
+#[test]
+fn extreme_weights_do_not_saturate() {
+    // All weights -128 and activations +-127: the largest products the SIMD paths must carry.
+    let (rows, cols, gs) = (2, 64, 32);
+    let w_q = vec![-128i8; rows * cols];
+    let w_s = vec![1.0f32; rows * cols / gs];
+    let xq = QuantizedVec { q: (0..cols).map(|i| if i % 2 == 0 { 127 } else { -127 }).collect(), scales: vec![1.0; 2], group_size: gs };
+    let xq_pos = QuantizedVec { q: vec![127; cols], ..xq.clone() };
+    for path in KernelPath::supported() {
+        let mut out = vec![0.0; rows];
+        path.matvec_q8(&mut out, &w_q, &w_s, &xq);
+        assert_eq!(out, vec![0.0; rows], "{}", path.name());
+        path.matvec_q8(&mut out, &w_q, &w_s, &xq_pos);
+        assert_eq!(out, vec![-128.0 * 127.0 * 64.0; rows], "{}", path.name());
+    }
+}
+
+#[test]
+fn from_name_rejects_unknown_path() {
+    let err = KernelPath::from_name("neon9000").unwrap_err().to_string();
+    assert!(err.contains("neon9000"), "{err}");
+    assert_eq!(KernelPath::from_name("generic").unwrap(), KernelPath::Generic);
+}

@@ -1,0 +1,211 @@
+//! Read-only model weights, borrowed from a memory-mapped checkpoint.
+
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use crate::checkpoint::{self, Format, Header, Region};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+#[cfg(target_endian = "big")]
+compile_error!("checkpoints are little-endian and are mapped without conversion");
+
+/// A weight matrix of shape (rows, cols), row-major: `x @ W.T` maps cols inputs to rows outputs.
+#[derive(Clone, Copy)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: MatrixData,
+}
+
+#[derive(Clone, Copy)]
+pub enum MatrixData {
+    /// Q8_0: `q` holds rows*cols int8 values, `scales` one fp32 per `group_size` values.
+    Q8 { q: &'static [i8], scales: &'static [f32], group_size: usize },
+    F32(&'static [f32]),
+}
+
+impl Matrix {
+    /// Writes row `row` as fp32 into `out` (`cols` values), dequantizing Q8_0.
+    pub fn read_row(&self, row: usize, out: &mut [f32]) {
+        let range = row * self.cols..(row + 1) * self.cols;
+        match self.data {
+            MatrixData::F32(w) => out.copy_from_slice(&w[range]),
+            MatrixData::Q8 { q, scales, group_size } => {
+                for (i, (o, &v)) in out.iter_mut().zip(&q[range.clone()]).enumerate() {
+                    *o = v as f32 * scales[(range.start + i) / group_size];
+                }
+            }
+        }
+    }
+}
+
+/// Weights of one layer. Shapes are (rows, cols) = (out, in).
+pub struct LayerWeights {
+    pub rms_att: &'static [f32], // (dim,)
+    pub rms_ffn: &'static [f32], // (dim,)
+    pub wq: Matrix,              // (dim, dim)
+    pub wk: Matrix,              // (kv_dim, dim)
+    pub wv: Matrix,              // (kv_dim, dim)
+    pub wo: Matrix,              // (dim, dim)
+    pub w1: Matrix,              // (hidden_dim, dim)
+    pub w2: Matrix,              // (dim, hidden_dim)
+    pub w3: Matrix,              // (hidden_dim, dim)
+    pub memory: Option<MemoryWeights>,
+}
+
+/// The memory weights of one layer: the memory FFN, its norms and the initial memory.
+pub struct MemoryWeights {
+    pub rms_mff: &'static [f32], // (dim,) norm before the memory FFN
+    pub rms_mem: &'static [f32], // (dim,) norm before the memory keys/values
+    pub ori_mem: &'static [f32], // (mem_len, dim) learned initial memory
+    pub aw1: Matrix,             // (hidden_dim, dim)
+    pub aw2: Matrix,             // (dim, hidden_dim)
+    pub aw3: Matrix,             // (hidden_dim, dim)
+}
+
+/// All weights of a checkpoint.
+///
+/// The slices borrow from `map` (or from `owned`, for fp32 arrays that the file does not align
+/// to 4 bytes) and are given the `'static` lifetime so that the struct can own its map.
+/// SAFETY: the mapped and the boxed memory never move and live exactly as long as this struct;
+/// the fields are `pub(crate)` slices that the crate only uses through `&self` borrows of it.
+pub struct Weights {
+    pub format: Format,
+    pub config: Config,
+    pub group_size: Option<usize>,
+    pub(crate) embedding: Matrix, // (vocab_size, dim)
+    pub(crate) layers: Vec<LayerWeights>,
+    pub(crate) rms_final: &'static [f32], // (dim,)
+    pub(crate) wcls: Matrix,              // (vocab_size, dim), the embedding when shared
+    pub file_len: u64,
+    _owned: Vec<Box<[f32]>>,
+    _map: Mmap,
+}
+
+impl Weights {
+    /// Maps the checkpoint at `path` after validating its header and length.
+    pub fn open(path: &Path, expected: Option<Format>) -> Result<Weights> {
+        let header = checkpoint::read_header(path, expected)?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only. As with every mmap loader, a checkpoint modified by
+        // another process while it is mapped gives undefined results; checkpoints are not
+        // written in place by this crate.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        if map.len() as u64 != header.layout.file_len {
+            return Err(Error::InvalidLayout {
+                path: path.into(),
+                message: format!(
+                    "the file changed size while it was opened ({} bytes, expected {})",
+                    map.len(),
+                    header.layout.file_len
+                ),
+            });
+        }
+        Ok(build(header, map))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+fn build(header: Header, map: Mmap) -> Weights {
+    let Header { format, config, group_size, layout } = header;
+    let mut slicer = Slicer { base: map.as_ptr(), owned: Vec::new(), group_size: group_size.unwrap_or(1) };
+    let (dim, hidden, kv_dim) = (config.dim, config.hidden_dim, config.kv_dim());
+
+    let mut layers = Vec::with_capacity(config.n_layers);
+    for l in 0..config.n_layers {
+        let memory = layout.memory.as_ref().map(|m| MemoryWeights {
+            rms_mff: slicer.f32s(m.rms_mff[l]),
+            rms_mem: slicer.f32s(m.rms_mem[l]),
+            ori_mem: slicer.f32s(m.ori_mem[l]),
+            aw1: slicer.matrix(m.aw1[l], hidden, dim),
+            aw2: slicer.matrix(m.aw2[l], dim, hidden),
+            aw3: slicer.matrix(m.aw3[l], hidden, dim),
+        });
+        layers.push(LayerWeights {
+            rms_att: slicer.f32s(layout.rms_att[l]),
+            rms_ffn: slicer.f32s(layout.rms_ffn[l]),
+            wq: slicer.matrix(layout.wq[l], dim, dim),
+            wk: slicer.matrix(layout.wk[l], kv_dim, dim),
+            wv: slicer.matrix(layout.wv[l], kv_dim, dim),
+            wo: slicer.matrix(layout.wo[l], dim, dim),
+            w1: slicer.matrix(layout.w1[l], hidden, dim),
+            w2: slicer.matrix(layout.w2[l], dim, hidden),
+            w3: slicer.matrix(layout.w3[l], hidden, dim),
+            memory,
+        });
+    }
+    let embedding = slicer.matrix(layout.embedding, config.vocab_size, dim);
+    let wcls = match layout.wcls {
+        Some(region) => slicer.matrix(region, config.vocab_size, dim),
+        None => embedding,
+    };
+    Weights {
+        format,
+        config,
+        group_size,
+        embedding,
+        layers,
+        rms_final: slicer.f32s(layout.rms_final),
+        wcls,
+        file_len: layout.file_len,
+        _owned: slicer.owned,
+        _map: map,
+    }
+}
+
+/// Turns validated regions into slices of the map.
+struct Slicer {
+    base: *const u8,
+    owned: Vec<Box<[f32]>>,
+    group_size: usize,
+}
+
+impl Slicer {
+    /// fp32 values at `offset`, borrowed when 4-byte aligned and copied otherwise (Q8_0 scales
+    /// follow int8 arrays of any length, so they can start at any byte).
+    fn f32_at(&mut self, offset: u64, len: usize) -> &'static [f32] {
+        // SAFETY: `checkpoint::plan` computed every region inside the file length, which
+        // `Weights::open` checked against the map's length.
+        let ptr = unsafe { self.base.add(offset as usize) };
+        if (ptr as usize) % std::mem::align_of::<f32>() == 0 {
+            // SAFETY: in bounds (above), aligned (checked), and any bit pattern is a valid f32.
+            return unsafe { std::slice::from_raw_parts(ptr as *const f32, len) };
+        }
+        // SAFETY: in bounds (above); read as bytes, so alignment does not matter.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len * 4) };
+        let values: Box<[f32]> =
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        // SAFETY: the box is kept in `owned` for the lifetime of the weights and never moved
+        // out; moving the Box itself does not move its heap allocation.
+        let slice = unsafe { std::slice::from_raw_parts(values.as_ptr(), len) };
+        self.owned.push(values);
+        slice
+    }
+
+    fn f32s(&mut self, region: Region) -> &'static [f32] {
+        match region {
+            Region::F32 { offset, len } => self.f32_at(offset, len),
+            Region::Q8 { .. } => unreachable!("norm weights and ori_mem are fp32 in every format"),
+        }
+    }
+
+    fn matrix(&mut self, region: Region, rows: usize, cols: usize) -> Matrix {
+        let data = match region {
+            Region::F32 { offset, len } => MatrixData::F32(self.f32_at(offset, len)),
+            Region::Q8 { offset, len, scales_offset } => {
+                // SAFETY: in bounds as above; i8 has alignment 1.
+                let q = unsafe {
+                    std::slice::from_raw_parts(self.base.add(offset as usize) as *const i8, len)
+                };
+                let scales = self.f32_at(scales_offset, len / self.group_size);
+                MatrixData::Q8 { q, scales, group_size: self.group_size }
+            }
+        };
+        Matrix { rows, cols, data }
+    }
+}
