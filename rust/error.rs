@@ -37,8 +37,11 @@ pub enum Error {
     ContextFull { seq_len: usize, position: usize },
 
     /// The forward pass produced NaN or infinite logits (corrupt weights, overflow).
-    #[error("the model produced non-finite logits at position {position}: the checkpoint's weights are probably corrupt")]
-    NonFiniteLogits { position: u64 },
+    #[error(
+        "the model produced a non-finite logit ({value}) for token {token}: the checkpoint's \
+         weights are probably corrupt"
+    )]
+    NonFiniteLogits { token: usize, value: f32 },
 
     #[error("invalid setting: {0}")]
     InvalidSetting(String),

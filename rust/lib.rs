@@ -18,3 +18,11 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use kernels::KernelPath;
 pub use weights::Weights;
+pub mod model;
+pub mod sampler;
+
+pub use model::{Options, State, Transformer, UpdateMode};
+pub use sampler::Sampler;
+
+#[cfg(feature = "python")]
+mod bindings;

@@ -1,0 +1,249 @@
+//! Python bindings: the only module that sees Python types. The Python package wraps
+//! [`Engine`] in its `Model` class, which adds the tokenizer and text generation.
+
+use std::path::PathBuf;
+
+use numpy::PyArray1;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyArithmeticError, PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::checkpoint::Format;
+use crate::error::Error;
+use crate::kernels::KernelPath;
+use crate::model::{Options, State, Transformer, UpdateMode};
+use crate::sampler::Sampler;
+
+create_exception!(_llama2rnn, CheckpointError, PyValueError, "A checkpoint file is invalid.");
+create_exception!(
+    _llama2rnn,
+    ContextFullError,
+    PyRuntimeError,
+    "A plain llama2.c model reached its seq_len."
+);
+create_exception!(
+    _llama2rnn,
+    NonFiniteLogitsError,
+    PyArithmeticError,
+    "The model produced NaN or infinite logits."
+);
+
+fn to_py(err: Error) -> PyErr {
+    let message = err.to_string();
+    match err {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(message)
+        }
+        Error::Io { .. } => PyOSError::new_err(message),
+        Error::InvalidHeader { .. } | Error::InvalidLayout { .. } => CheckpointError::new_err(message),
+        Error::ContextFull { .. } => ContextFullError::new_err(message),
+        Error::NonFiniteLogits { .. } => NonFiniteLogitsError::new_err(message),
+        Error::TokenOutOfRange { .. } | Error::InvalidSetting(_) => PyValueError::new_err(message),
+    }
+}
+
+/// A loaded checkpoint with its running state and sampler.
+#[pyclass(module = "llama2rnn._llama2rnn")]
+pub struct Engine {
+    model: Transformer,
+    state: State,
+    sampler: Sampler,
+    path: PathBuf,
+}
+
+#[pymethods]
+impl Engine {
+    /// Maps the checkpoint at `path`. `mode` is "chunk" or "token"; `kernel` is "auto" or a
+    /// name from `supported_kernels()`; `expected_format` rejects files of other formats.
+    #[new]
+    #[pyo3(signature = (path, *, threads=1, mode="chunk", kernel="auto", expected_format=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: i64,
+        mode: &str,
+        kernel: &str,
+        expected_format: Option<&str>,
+    ) -> PyResult<Engine> {
+        if !(1..=1024).contains(&threads) {
+            return Err(PyValueError::new_err(format!(
+                "threads {threads} is invalid: use a count between 1 and 1024"
+            )));
+        }
+        let expected_format = match expected_format {
+            None => None,
+            Some(name) => Some(Format::from_name(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "unknown checkpoint format {name:?}: use llama2rnn, llama2c-v2, llama2c-v1 or llama2c-v0"
+                ))
+            })?),
+        };
+        let options = Options {
+            mode: UpdateMode::from_name(mode).map_err(to_py)?,
+            threads: threads as usize,
+            kernel: KernelPath::from_name(kernel).map_err(to_py)?,
+            expected_format,
+        };
+        py.detach(|| {
+            let model = Transformer::open(&path, &options)?;
+            let state = model.new_state()?;
+            let sampler = Sampler::new(model.config().vocab_size, 0.0, 1.0, 0)?;
+            Ok(Engine { model, state, sampler, path })
+        })
+        .map_err(to_py)
+    }
+
+    /// Model shape and file facts as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.model.config();
+        let d = PyDict::new(py);
+        d.set_item("dim", c.dim)?;
+        d.set_item("hidden_dim", c.hidden_dim)?;
+        d.set_item("n_layers", c.n_layers)?;
+        d.set_item("n_heads", c.n_heads)?;
+        d.set_item("n_kv_heads", c.n_kv_heads)?;
+        d.set_item("vocab_size", c.vocab_size)?;
+        d.set_item("seq_len", c.seq_len)?;
+        d.set_item("mem_len", c.mem_len)?;
+        d.set_item("shared_classifier", c.shared_classifier)?;
+        Ok(d)
+    }
+
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.model.weights.format.name()
+    }
+
+    #[getter]
+    fn group_size(&self) -> Option<usize> {
+        self.model.weights.group_size
+    }
+
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.model.weights.file_len
+    }
+
+    #[getter]
+    fn parameter_count(&self) -> u64 {
+        self.model.config().parameter_count()
+    }
+
+    #[getter]
+    fn kernel(&self) -> &'static str {
+        self.model.kernel.name()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.model.threads()
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.model.mode.name()
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    /// Tokens consumed since load or the last reset.
+    #[getter]
+    fn position(&self) -> u64 {
+        self.state.position
+    }
+
+    /// Feeds one token and returns a copy of the logits for the next one.
+    fn forward<'py>(&mut self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let token = self.check_token(token)?;
+        let Engine { model, state, .. } = self;
+        py.detach(|| model.forward(state, token).map(|_| ())).map_err(to_py)?;
+        Ok(PyArray1::from_slice(py, self.state.logits()))
+    }
+
+    /// Feeds tokens without returning logits; the last one's logits are kept for `sample`.
+    fn feed(&mut self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
+        let tokens = tokens.into_iter().map(|t| self.check_token(t)).collect::<PyResult<Vec<_>>>()?;
+        let Engine { model, state, .. } = self;
+        py.detach(|| {
+            for &token in &tokens {
+                model.forward(state, token)?;
+            }
+            Ok(())
+        })
+        .map_err(to_py)
+    }
+
+    /// Samples the next token from the logits of the last token fed.
+    fn sample(&mut self) -> PyResult<u32> {
+        if self.state.position == 0 {
+            return Err(PyValueError::new_err("no token has been fed yet: feed a prompt first"));
+        }
+        self.sampler.sample(self.state.logits()).map_err(to_py)
+    }
+
+    /// Sets the sampling settings; `seed` (when given) restarts the random generator.
+    #[pyo3(signature = (temperature, top_p, seed=None))]
+    fn set_sampling(&mut self, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<()> {
+        self.sampler.set_temperature(temperature).map_err(to_py)?;
+        self.sampler.set_top_p(top_p).map_err(to_py)?;
+        if let Some(seed) = seed {
+            self.sampler.reseed(seed);
+        }
+        Ok(())
+    }
+
+    /// The sampler's random generator state, to save with a session.
+    #[getter]
+    fn rng_state(&self) -> u64 {
+        self.sampler.rng_state()
+    }
+
+    #[setter]
+    fn set_rng_state(&mut self, state: u64) {
+        self.sampler.set_rng_state(state);
+    }
+
+    /// Returns to position 0 with the model's initial memory.
+    fn reset(&mut self, py: Python<'_>) {
+        let Engine { model, state, .. } = self;
+        py.detach(|| model.reset(state));
+    }
+}
+
+impl Engine {
+    fn check_token(&self, token: i64) -> PyResult<u32> {
+        let vocab_size = self.model.config().vocab_size;
+        if token < 0 || token as u64 >= vocab_size as u64 {
+            return Err(to_py(Error::TokenOutOfRange { token, vocab_size }));
+        }
+        Ok(token as u32)
+    }
+}
+
+/// Names of the kernel paths this CPU supports, portable first.
+#[pyfunction]
+fn supported_kernels() -> Vec<&'static str> {
+    KernelPath::supported().into_iter().map(KernelPath::name).collect()
+}
+
+/// The kernel path picked when none is forced.
+#[pyfunction]
+fn detected_kernel() -> &'static str {
+    KernelPath::detect().name()
+}
+
+#[pymodule]
+fn _llama2rnn(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_function(wrap_pyfunction!(supported_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(detected_kernel, m)?)?;
+    m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
+    m.add("ContextFullError", m.py().get_type::<ContextFullError>())?;
+    m.add("NonFiniteLogitsError", m.py().get_type::<NonFiniteLogitsError>())?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The forward pass of one token.
+
+use super::ops::{add_in_place, dot, rmsnorm, softmax, swiglu};
+use super::{State, Transformer, UpdateMode};
+use crate::error::{Error, Result};
+
+impl Transformer {
+    /// Feeds `token` and returns the logits for the next one. A memory model runs its memory
+    /// update when the token completes a chunk (chunk mode) or after every token (token mode).
+    pub fn forward<'s>(&self, state: &'s mut State, token: u32) -> Result<&'s [f32]> {
+        let c = *self.config();
+        if token as usize >= c.vocab_size {
+            return Err(Error::TokenOutOfRange { token: token as i64, vocab_size: c.vocab_size });
+        }
+        // Window row of this token's key/value, which is also its RoPE position.
+        let chunk_pos = if c.is_memory_model() { (state.position % c.mem_len as u64) as usize } else { 0 };
+        let row = if c.is_memory_model() {
+            c.mem_len + chunk_pos
+        } else if state.position < c.seq_len as u64 {
+            state.position as usize
+        } else {
+            return Err(Error::ContextFull { seq_len: c.seq_len, position: state.position as usize });
+        };
+
+        self.run(|| self.forward_layers(state, token, row, chunk_pos));
+        state.position += 1;
+
+        if c.is_memory_model() {
+            match self.mode {
+                UpdateMode::Chunk if chunk_pos == c.mem_len - 1 => self.run(|| {
+                    for l in 0..c.n_layers {
+                        self.update_memory(state, l, 0..c.mem_len);
+                    }
+                }),
+                UpdateMode::Token => self.run(|| {
+                    for l in 0..c.n_layers {
+                        self.update_memory(state, l, chunk_pos..chunk_pos + 1);
+                    }
+                }),
+                UpdateMode::Chunk => {}
+            }
+        }
+        Ok(&state.scratch.logits)
+    }
+
+    fn forward_layers(&self, state: &mut State, token: u32, row: usize, chunk_pos: usize) {
+        let c = *self.config();
+        let (dim, kv_dim, head_size) = (c.dim, c.kv_dim(), c.head_size());
+        let rows = c.cache_rows();
+        let State { mem, key_cache, value_cache, scratch: s, .. } = state;
+
+        // Token embedding (a Q8_0 table is dequantized one row at a time).
+        self.weights.embedding.read_row(token as usize, &mut s.x);
+
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let layer_cache = l * rows * kv_dim;
+            let kv_row = layer_cache + row * kv_dim..layer_cache + (row + 1) * kv_dim;
+
+            // Attention rmsnorm, then q, k, v; k and v go straight into the cache row.
+            rmsnorm(&mut s.xb, &s.x, layer.rms_att);
+            self.prepare(&s.xb, &mut s.xq);
+            self.matvec(&mut s.q, &layer.wq, &s.xb, &s.xq);
+            self.matvec(&mut key_cache[kv_row.clone()], &layer.wk, &s.xb, &s.xq);
+            self.matvec(&mut value_cache[kv_row.clone()], &layer.wv, &s.xb, &s.xq);
+
+            // RoPE at the window row: M + chunk position, or the absolute position.
+            self.rope.rotate(&mut s.q, row);
+            self.rope.rotate(&mut key_cache[kv_row], row);
+
+            // Multi-head attention over window rows 0..=row; the heads fill xb.
+            let scale = 1.0 / (head_size as f32).sqrt();
+            for h in 0..c.n_heads {
+                let q = &s.q[h * head_size..(h + 1) * head_size];
+                let kv_offset = (h / c.kv_mul()) * head_size;
+                let scores = &mut s.scores[..=row];
+                for (t, score) in scores.iter_mut().enumerate() {
+                    let k = layer_cache + t * kv_dim + kv_offset;
+                    *score = dot(q, &key_cache[k..k + head_size]) * scale;
+                }
+                softmax(scores);
+                let out = &mut s.xb[h * head_size..(h + 1) * head_size];
+                out.fill(0.0);
+                for (t, &weight) in scores.iter().enumerate() {
+                    let v = layer_cache + t * kv_dim + kv_offset;
+                    for (o, &vi) in out.iter_mut().zip(&value_cache[v..v + head_size]) {
+                        *o += weight * vi;
+                    }
+                }
+            }
+
+            // The attention output (before wo) becomes this chunk position's memory.
+            if c.is_memory_model() {
+                let slot = (l * c.mem_len + chunk_pos) * dim;
+                mem[slot..slot + dim].copy_from_slice(&s.xb);
+            }
+
+            // Output projection and residual.
+            self.prepare(&s.xb, &mut s.xq);
+            self.matvec(&mut s.xb2, &layer.wo, &s.xb, &s.xq);
+            add_in_place(&mut s.x, &s.xb2);
+
+            // SwiGLU feed-forward and residual.
+            rmsnorm(&mut s.xb, &s.x, layer.rms_ffn);
+            self.prepare(&s.xb, &mut s.xq);
+            self.matvec(&mut s.hb, &layer.w1, &s.xb, &s.xq);
+            self.matvec(&mut s.hb2, &layer.w3, &s.xb, &s.xq);
+            swiglu(&mut s.hb, &s.hb2);
+            self.prepare(&s.hb, &mut s.hq);
+            self.matvec(&mut s.xb, &layer.w2, &s.hb, &s.hq);
+            add_in_place(&mut s.x, &s.xb);
+        }
+
+        // Final rmsnorm and classifier.
+        rmsnorm(&mut s.xb, &s.x, self.weights.rms_final);
+        self.prepare(&s.xb, &mut s.xq);
+        self.matvec(&mut s.logits, &self.weights.wcls, &s.xb, &s.xq);
+    }
+}

@@ -1,0 +1,85 @@
+//! Matrix products of the forward pass, split across the model's threads.
+
+use rayon::prelude::*;
+
+use super::Transformer;
+use crate::kernels::{self, QuantizedVec};
+use crate::weights::{Matrix, MatrixData};
+
+/// Matrices smaller than this many weights run on one thread: at dim 288 a hand-off to another
+/// core costs about as much as the product itself.
+const PARALLEL_MIN_WEIGHTS: usize = 64 * 1024;
+/// Tasks per thread, so that a thread slowed by another process sheds work to the others
+/// instead of holding everyone back at the end of each product.
+const TASKS_PER_THREAD: usize = 4;
+const MIN_ROWS_PER_TASK: usize = 16;
+/// Rows of W kept hot in cache while every input of a batch passes over them.
+const ROW_BLOCK: usize = 32;
+
+impl Transformer {
+    /// Quantizes `x` into `xq` when the weights are Q8_0 (a no-op for fp32 checkpoints).
+    pub(super) fn prepare(&self, x: &[f32], xq: &mut QuantizedVec) {
+        if self.weights.format.is_quantized() {
+            xq.quantize_from(x);
+        }
+    }
+
+    /// `out = W x`, with `xq` the quantized `x` from [`Self::prepare`].
+    pub(super) fn matvec(&self, out: &mut [f32], w: &Matrix, x: &[f32], xq: &QuantizedVec) {
+        debug_assert_eq!(out.len(), w.rows);
+        if self.threads == 1 || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
+            self.matvec_rows(out, w, 0, x, xq);
+            return;
+        }
+        let block = w.rows.div_ceil(self.threads * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, out)| self.matvec_rows(out, w, i * block, x, xq));
+    }
+
+    /// `out[b] = W x[b]` for `n` inputs: `out` is (n, rows), `x` is (n, cols).
+    pub(super) fn matmul(
+        &self,
+        out: &mut [f32],
+        w: &Matrix,
+        x: &[f32],
+        xq: &[QuantizedVec],
+        n: usize,
+    ) {
+        let (rows, cols) = (w.rows, w.cols);
+        debug_assert!(out.len() >= n * rows && x.len() >= n * cols && xq.len() >= n);
+        let (out, x, xq) = (&mut out[..n * rows], &x[..n * cols], &xq[..n]);
+        if self.threads == 1 || n * rows * cols < PARALLEL_MIN_WEIGHTS {
+            self.matmul_serial(out, w, x, xq);
+            return;
+        }
+        let per_task = n.div_ceil(self.threads * TASKS_PER_THREAD).max(1);
+        out.par_chunks_mut(per_task * rows)
+            .zip(x.par_chunks(per_task * cols))
+            .zip(xq.par_chunks(per_task))
+            .for_each(|((out, x), xq)| self.matmul_serial(out, w, x, xq));
+    }
+
+    fn matmul_serial(&self, out: &mut [f32], w: &Matrix, x: &[f32], xq: &[QuantizedVec]) {
+        let (rows, cols) = (w.rows, w.cols);
+        for start in (0..rows).step_by(ROW_BLOCK) {
+            let end = (start + ROW_BLOCK).min(rows);
+            for (b, xq) in xq.iter().enumerate() {
+                let out = &mut out[b * rows + start..b * rows + end];
+                self.matvec_rows(out, w, start, &x[b * cols..(b + 1) * cols], xq);
+            }
+        }
+    }
+
+    /// Rows `first_row..first_row + out.len()` of `W x` on the calling thread.
+    fn matvec_rows(&self, out: &mut [f32], w: &Matrix, first_row: usize, x: &[f32], xq: &QuantizedVec) {
+        let span = first_row * w.cols..(first_row + out.len()) * w.cols;
+        match w.data {
+            MatrixData::Q8 { q, scales, group_size } => {
+                let scale_span = span.start / group_size..span.end / group_size;
+                self.kernel.matvec_q8(out, &q[span], &scales[scale_span], xq);
+            }
+            MatrixData::F32(weights) => kernels::matvec_f32(out, &weights[span], x),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The transformer: weights, kernel path and threads, and the forward pass over a [`State`].
+
+mod forward;
+mod matmul;
+mod memory;
+pub mod ops;
+pub mod state;
+
+use std::path::Path;
+
+use crate::checkpoint::Format;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kernels::KernelPath;
+use crate::weights::Weights;
+use ops::RopeTable;
+pub use state::State;
+
+/// When the memory keys/values are recomputed from the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateMode {
+    /// After every M tokens, for all M slots at once: how the models are trained (default).
+    Chunk,
+    /// After every token, for the slot that token just wrote (experimental).
+    Token,
+}
+
+impl UpdateMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateMode::Chunk => "chunk",
+            UpdateMode::Token => "token",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<UpdateMode> {
+        match name {
+            "chunk" => Ok(UpdateMode::Chunk),
+            "token" => Ok(UpdateMode::Token),
+            _ => Err(Error::InvalidSetting(format!(
+                "unknown memory update mode {name:?}: use \"chunk\" or \"token\""
+            ))),
+        }
+    }
+}
+
+/// Settings chosen when a model is loaded.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: UpdateMode,
+    /// Worker threads; 1 runs everything on the calling thread.
+    pub threads: usize,
+    pub kernel: KernelPath,
+    /// Reject a checkpoint of any other format.
+    pub expected_format: Option<Format>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: UpdateMode::Chunk,
+            threads: 1,
+            kernel: KernelPath::detect(),
+            expected_format: None,
+        }
+    }
+}
+
+/// A loaded model. It is immutable and can serve several [`State`]s.
+pub struct Transformer {
+    pub weights: Weights,
+    pub mode: UpdateMode,
+    pub kernel: KernelPath,
+    threads: usize,
+    pool: Option<rayon::ThreadPool>,
+    rope: RopeTable,
+}
+
+impl Transformer {
+    pub fn open(path: &Path, options: &Options) -> Result<Transformer> {
+        let weights = Weights::open(path, options.expected_format)?;
+        if options.mode == UpdateMode::Token && !weights.config.is_memory_model() {
+            return Err(Error::InvalidSetting(
+                "token update mode needs a Llama2RNN memory model; this is a plain llama2.c model"
+                    .into(),
+            ));
+        }
+        let threads = options.threads.max(1);
+        let pool = if threads > 1 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("llama2rnn-{i}"))
+                .build()
+                .map_err(|e| Error::InvalidSetting(format!("cannot start {threads} threads: {e}")))?;
+            Some(pool)
+        } else {
+            None
+        };
+        let c = weights.config;
+        Ok(Transformer {
+            rope: RopeTable::new(c.head_size(), c.cache_rows()),
+            weights,
+            mode: options.mode,
+            kernel: options.kernel,
+            threads,
+            pool,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.weights.config
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// A fresh state: for memory models, the initial memory `ori_mem` already turned into
+    /// memory keys/values.
+    pub fn new_state(&self) -> Result<State> {
+        let mut state = State::new(self.config(), self.weights.group_size.unwrap_or(1))?;
+        self.reset(&mut state);
+        Ok(state)
+    }
+
+    /// Returns `state` to the start: position 0 and, for memory models, the initial memory.
+    pub fn reset(&self, state: &mut State) {
+        state.position = 0;
+        let c = *self.config();
+        if !c.is_memory_model() {
+            return;
+        }
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let memory = layer.memory.as_ref().expect("memory models have memory weights");
+            let span = l * c.mem_len * c.dim..(l + 1) * c.mem_len * c.dim;
+            state.mem[span].copy_from_slice(memory.ori_mem);
+        }
+        self.run(|| {
+            for l in 0..c.n_layers {
+                self.update_memory(state, l, 0..c.mem_len);
+            }
+        });
+    }
+
+    /// Runs `f` on the thread pool, so that the parallel loops inside it need no hand-off
+    /// per matrix.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+"""The Rust engine against the numpy reference forward pass, on random checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reference import ReferenceModel, checkpoint
+
+import llama2rnn
+from llama2rnn import Model
+
+Config = checkpoint.Config
+
+# The engine computes in float32 and the reference in float64. With activations quantized
+# the same way on both sides, their logits agree to about 3e-7 of the logit scale, until an
+# activation lands on the other side of a Q8_0 rounding boundary: that shifts one value by a
+# quantization step, and the memory carries the difference (about 1e-2) into later tokens.
+# So the typical token must agree tightly, and every token loosely; a wrong computation
+# (wrong mode, position or head) gives errors of order 1 on most tokens.
+MEDIAN_TOLERANCE = 1e-5
+MAX_TOLERANCE = 5e-2
+
+SMALL = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, seq_len=64, mem_len=4)
+# GQA and sizes that reach odd corners: head_size 8, 6 query heads on 2 kv heads, M 5.
+ODD_GQA = Config(dim=48, hidden_dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=61, seq_len=32, mem_len=5)
+VANILLA = Config(dim=64, hidden_dim=160, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=83, seq_len=24, mem_len=0)
+
+WRITERS = {
+    "llama2rnn": checkpoint.write_llama2rnn,
+    "llama2c-v2": checkpoint.write_llama2c_v2,
+    "llama2c-v1": checkpoint.write_llama2c_v1,
+    "llama2c-v0": checkpoint.write_llama2c_v0,
+}
+
+
+def write_random(tmp_path: Path, fmt: str, config: Config, *, seed: int = 0, shared: bool = True) -> Path:
+    path = tmp_path / f"{fmt}-{seed}.bin"
+    weights = checkpoint.random_weights(config, seed=seed, shared_classifier=shared)
+    WRITERS[fmt](path, config, weights)
+    return path
+
+
+def reference_for(path: Path, mode: str = "chunk") -> ReferenceModel:
+    fmt, config, weights, group_size = checkpoint.read_checkpoint(path)
+    return ReferenceModel(
+        config,
+        weights,
+        mode=mode,
+        quantize_activations=group_size is not None,
+        group_size=group_size,
+    )
+
+
+def token_stream(n: int, vocab_size: int, seed: int = 1) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, vocab_size, size=n)]
+
+
+def assert_logits_close(model: Model, ref: ReferenceModel, tokens: list[int]) -> None:
+    errors = []
+    for i, token in enumerate(tokens):
+        got = model.forward(token)
+        expected = ref.forward(token)
+        assert got.dtype == np.float32
+        assert got.shape == expected.shape
+        scale = max(1.0, float(np.abs(expected).max()))
+        errors.append(float(np.abs(got - expected).max()) / scale)
+        assert errors[-1] < MAX_TOLERANCE, f"token {i}: relative error {errors[-1]:.2e}"
+    median = float(np.median(errors))
+    assert median < MEDIAN_TOLERANCE, f"median relative error {median:.2e} over {len(tokens)} tokens"
+
+
+@pytest.mark.parametrize(
+    "config, shared, mode",
+    [
+        (SMALL, True, "chunk"),
+        (SMALL, False, "chunk"),
+        (ODD_GQA, True, "chunk"),
+        (ODD_GQA, False, "token"),
+        (SMALL, True, "token"),
+    ],
+    ids=["small", "separate-classifier", "odd-gqa", "odd-gqa-token-mode", "token-mode"],
+)
+def test_memory_model_matches_reference(tmp_path, config, shared, mode):
+    path = write_random(tmp_path, "llama2rnn", config, shared=shared)
+    model = Model.load(path, threads=1, mode=mode)
+    assert model.format == "llama2rnn"
+    # Three and a half chunks: three memory updates, then a partial chunk.
+    tokens = token_stream(config.mem_len * 7 // 2, config.vocab_size)
+    assert_logits_close(model, reference_for(path, mode), tokens)
+
+
+@pytest.mark.parametrize("fmt", ["llama2c-v2", "llama2c-v1", "llama2c-v0"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+def test_vanilla_model_matches_reference(tmp_path, fmt, shared):
+    path = write_random(tmp_path, fmt, VANILLA, shared=shared)
+    model = Model.load(path, threads=1)
+    assert model.format == fmt
+    assert_logits_close(model, reference_for(path), token_stream(VANILLA.seq_len, VANILLA.vocab_size))
+
+
+def test_vanilla_model_stops_at_seq_len(tmp_path):
+    path = write_random(tmp_path, "llama2c-v2", VANILLA)
+    model = Model.load(path, threads=1)
+    for token in token_stream(VANILLA.seq_len, VANILLA.vocab_size):
+        model.forward(token)
+    with pytest.raises(llama2rnn.ContextFullError, match="seq_len 24"):
+        model.forward(1)
+    model.reset()
+    model.forward(1)
+    assert model.position == 1
+
+
+def test_memory_model_runs_past_seq_len(tmp_path):
+    config = Config(**{**SMALL.__dict__, "seq_len": 8})
+    path = write_random(tmp_path, "llama2rnn", config)
+    model = Model.load(path, threads=1)
+    for token in token_stream(40, config.vocab_size):
+        logits = model.forward(token)
+    assert np.isfinite(logits).all()
+    assert model.position == 40
+
+
+def run_tokens(model: Model, tokens: list[int]) -> np.ndarray:
+    return np.stack([model.forward(t) for t in tokens])
+
+
+def test_kernel_paths_and_threads_agree_exactly(tmp_path):
+    # group size 64 takes the 64-byte SIMD loops; 32 the 32-byte ones.
+    config = Config(dim=128, hidden_dim=384, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64, mem_len=8)
+    for group_size in (64, 32):
+        path = tmp_path / f"gs{group_size}.bin"
+        checkpoint.write_llama2rnn(path, config, checkpoint.random_weights(config, seed=3), group_size=group_size)
+        tokens = token_stream(20, config.vocab_size)
+        expected = run_tokens(Model.load(path, threads=1, kernel="generic"), tokens)
+        for kernel in llama2rnn.supported_kernels():
+            for threads in (1, 2, 3):
+                got = run_tokens(Model.load(path, threads=threads, kernel=kernel), tokens)
+                assert np.array_equal(got, expected), f"{kernel} with {threads} threads, gs {group_size}"
+
+
+def test_reset_restores_initial_state(tmp_path):
+    path = write_random(tmp_path, "llama2rnn", SMALL)
+    model = Model.load(path, threads=1)
+    tokens = token_stream(11, SMALL.vocab_size)
+    first = run_tokens(model, tokens)
+    model.reset()
+    assert model.position == 0
+    assert np.array_equal(run_tokens(model, tokens), first)
+
+
+def test_forward_rejects_out_of_range_token(tmp_path):
+    model = Model.load(write_random(tmp_path, "llama2rnn", SMALL), threads=1)
+    for token in (-1, SMALL.vocab_size, 2**40):
+        with pytest.raises(ValueError, match="out of range"):
+            model.forward(token)
+    assert model.position == 0
+
+
+def test_unknown_kernel_and_mode_raise(tmp_path):
+    path = write_random(tmp_path, "llama2rnn", SMALL)
+    with pytest.raises(ValueError, match="kernel path"):
+        Model.load(path, kernel="sse9")
+    with pytest.raises(ValueError, match="update mode"):
+        Model.load(path, mode="sometimes")
+    with pytest.raises(ValueError, match="threads"):
+        Model.load(path, threads=0)
+    vanilla = write_random(tmp_path, "llama2c-v2", VANILLA)
+    with pytest.raises(ValueError, match="token update mode"):
+        Model.load(vanilla, mode="token")
