@@ -7,11 +7,12 @@ use numpy::PyArray1;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyArithmeticError, PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::checkpoint::Format;
 use crate::error::Error;
 use crate::kernels::KernelPath;
+use crate::memory_file::{self, SessionInfo};
 use crate::model::{Options, State, Transformer, UpdateMode};
 use crate::sampler::Sampler;
 
@@ -21,6 +22,12 @@ create_exception!(
     ContextFullError,
     PyRuntimeError,
     "A plain llama2.c model reached its seq_len."
+);
+create_exception!(
+    _llama2rnn,
+    MemoryFileError,
+    PyValueError,
+    "A saved memory is corrupt or belongs to another model."
 );
 create_exception!(
     _llama2rnn,
@@ -39,6 +46,7 @@ fn to_py(err: Error) -> PyErr {
         Error::InvalidHeader { .. } | Error::InvalidLayout { .. } => CheckpointError::new_err(message),
         Error::ContextFull { .. } => ContextFullError::new_err(message),
         Error::NonFiniteLogits { .. } => NonFiniteLogitsError::new_err(message),
+        Error::InvalidMemory(_) => MemoryFileError::new_err(message),
         Error::TokenOutOfRange { .. } | Error::InvalidSetting(_) => PyValueError::new_err(message),
     }
 }
@@ -208,6 +216,35 @@ impl Engine {
         self.sampler.set_rng_state(state);
     }
 
+    /// Fingerprint of the checkpoint's weights, as stored in memory files.
+    #[getter]
+    fn fingerprint(&self) -> u64 {
+        self.model.weights.fingerprint
+    }
+
+    /// The whole recurrent state as memory-file bytes, with the sampler state.
+    #[pyo3(signature = (last_token=None, saved_unix_ms=0))]
+    fn save_state<'py>(
+        &self,
+        py: Python<'py>,
+        last_token: Option<u32>,
+        saved_unix_ms: u64,
+    ) -> Bound<'py, PyBytes> {
+        let info = SessionInfo { rng_state: self.sampler.rng_state(), last_token, saved_unix_ms };
+        let bytes = py.detach(|| memory_file::encode(&self.model, &self.state, &info));
+        PyBytes::new(py, &bytes)
+    }
+
+    /// Restores a state saved by `save_state` and returns its last token (or None). Raises
+    /// MemoryFileError, leaving the current state as it was, for a corrupt file or one made
+    /// by another model.
+    fn load_state(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<Option<u32>> {
+        let Engine { model, state, sampler, .. } = self;
+        let info = py.detach(|| memory_file::decode(model, state, data)).map_err(to_py)?;
+        sampler.set_rng_state(info.rng_state);
+        Ok(info.last_token)
+    }
+
     /// Returns to position 0 with the model's initial memory.
     fn reset(&mut self, py: Python<'_>) {
         let Engine { model, state, .. } = self;
@@ -223,6 +260,28 @@ impl Engine {
         }
         Ok(token as u32)
     }
+}
+
+/// The header of memory-file bytes as a dict, checked against its checksum.
+#[pyfunction]
+fn read_memory_header<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let h = memory_file::read_header(data).map_err(to_py)?;
+    let names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "mem_len"];
+    let config = PyDict::new(py);
+    for (name, value) in names.iter().zip(h.config) {
+        config.set_item(*name, value)?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("version", h.version)?;
+    d.set_item("config", config)?;
+    d.set_item("format", h.format.name())?;
+    d.set_item("mode", h.mode.name())?;
+    d.set_item("fingerprint", h.fingerprint)?;
+    d.set_item("position", h.position)?;
+    d.set_item("chunk_rows", h.stored_rows)?;
+    d.set_item("last_token", h.info.last_token)?;
+    d.set_item("saved_unix_ms", h.info.saved_unix_ms)?;
+    Ok(d)
 }
 
 /// Names of the kernel paths this CPU supports, portable first.
@@ -244,6 +303,8 @@ fn _llama2rnn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(detected_kernel, m)?)?;
     m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
     m.add("ContextFullError", m.py().get_type::<ContextFullError>())?;
+    m.add_function(wrap_pyfunction!(read_memory_header, m)?)?;
+    m.add("MemoryFileError", m.py().get_type::<MemoryFileError>())?;
     m.add("NonFiniteLogitsError", m.py().get_type::<NonFiniteLogitsError>())?;
     Ok(())
 }

@@ -43,6 +43,10 @@ pub enum Error {
     )]
     NonFiniteLogits { token: usize, value: f32 },
 
+    /// A saved memory that cannot be restored into this model.
+    #[error("invalid memory file: {0}")]
+    InvalidMemory(String),
+
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
 }

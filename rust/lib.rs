@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod kernels;
+pub mod memory_file;
 pub mod weights;
 
 pub use checkpoint::Format;

@@ -80,6 +80,8 @@ pub struct Weights {
     pub(crate) rms_final: &'static [f32], // (dim,)
     pub(crate) wcls: Matrix,              // (vocab_size, dim), the embedding when shared
     pub file_len: u64,
+    /// Identifies these weights in saved memories; see [`fingerprint`].
+    pub fingerprint: u64,
     _owned: Vec<Box<[f32]>>,
     _map: Mmap,
 }
@@ -103,7 +105,8 @@ impl Weights {
                 ),
             });
         }
-        Ok(build(header, map))
+        let fingerprint = fingerprint(&map);
+        Ok(build(header, map, fingerprint))
     }
 
     pub fn config(&self) -> &Config {
@@ -111,7 +114,30 @@ impl Weights {
     }
 }
 
-fn build(header: Header, map: Mmap) -> Weights {
+/// FNV-1a over the header, the length and 256 samples of 256 bytes spread over the file.
+///
+/// NOTE: a sample, not a hash of every byte, so that opening a large model stays cheap. Two
+/// checkpoints that differ only between the samples get the same fingerprint; trained or
+/// random weights differ nearly everywhere, so in practice any other model is told apart.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    const SAMPLES: usize = 256;
+    const SAMPLE_BYTES: usize = 256;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |data: &[u8]| {
+        for &b in data {
+            hash = (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(&(bytes.len() as u64).to_le_bytes());
+    eat(&bytes[..bytes.len().min(checkpoint::HEADER_BYTES as usize)]);
+    let stride = (bytes.len() / SAMPLES).max(1);
+    for start in (0..bytes.len()).step_by(stride).take(SAMPLES) {
+        eat(&bytes[start..(start + SAMPLE_BYTES).min(bytes.len())]);
+    }
+    hash
+}
+
+fn build(header: Header, map: Mmap, fingerprint: u64) -> Weights {
     let Header { format, config, group_size, layout } = header;
     let mut slicer = Slicer { base: map.as_ptr(), owned: Vec::new(), group_size: group_size.unwrap_or(1) };
     let (dim, hidden, kv_dim) = (config.dim, config.hidden_dim, config.kv_dim());
@@ -153,6 +179,7 @@ fn build(header: Header, map: Mmap) -> Weights {
         rms_final: slicer.f32s(layout.rms_final),
         wcls,
         file_len: layout.file_len,
+        fingerprint,
         _owned: slicer.owned,
         _map: map,
     }

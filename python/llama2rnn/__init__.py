@@ -3,6 +3,7 @@
 from ._llama2rnn import (
     CheckpointError,
     ContextFullError,
+    MemoryFileError,
     NonFiniteLogitsError,
     detected_kernel,
     supported_kernels,
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ContextFullError",
+    "MemoryFileError",
     "Model",
     "NonFiniteLogitsError",
     "SentencePieceTokenizer",
