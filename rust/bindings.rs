@@ -173,17 +173,18 @@ impl Engine {
         Ok(PyArray1::from_slice(py, self.state.logits()))
     }
 
-    /// Feeds tokens without returning logits; the last one's logits are kept for `sample`.
+    /// A copy of the logits of the last token fed.
+    fn logits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
+        PyArray1::from_slice(py, self.state.logits())
+    }
+
+    /// Feeds tokens without returning logits, in batches of up to a chunk; the last one's
+    /// logits are kept for `sample`. A plain model rejects tokens past seq_len before
+    /// feeding any.
     fn feed(&mut self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
         let tokens = tokens.into_iter().map(|t| self.check_token(t)).collect::<PyResult<Vec<_>>>()?;
         let Engine { model, state, .. } = self;
-        py.detach(|| {
-            for &token in &tokens {
-                model.forward(state, token)?;
-            }
-            Ok(())
-        })
-        .map_err(to_py)
+        py.detach(|| model.feed(state, &tokens)).map_err(to_py)
     }
 
     /// Samples the next token from the logits of the last token fed.

@@ -169,3 +169,32 @@ def test_unknown_kernel_and_mode_raise(tmp_path):
     vanilla = write_random(tmp_path, "llama2c-v2", VANILLA)
     with pytest.raises(ValueError, match="token update mode"):
         Model.load(vanilla, mode="token")
+
+
+@pytest.mark.parametrize(
+    "fmt, config, mode",
+    [
+        ("llama2rnn", SMALL, "chunk"),
+        ("llama2rnn", ODD_GQA, "chunk"),
+        ("llama2rnn", ODD_GQA, "token"),
+        ("llama2c-v2", VANILLA, "chunk"),
+        ("llama2c-v1", VANILLA, "chunk"),
+    ],
+    ids=["memory", "memory-odd-gqa", "memory-token-mode", "plain-q8", "plain-fp32"],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_feed_matches_token_by_token(tmp_path, fmt, config, mode, threads):
+    path = write_random(tmp_path, fmt, config)
+    n = min(config.seq_len - 2, 23)
+    tokens = token_stream(n + 2, config.vocab_size, seed=5)
+    one_by_one = Model.load(path, threads=1, mode=mode)
+    expected = run_tokens(one_by_one, tokens)
+    batched = Model.load(path, threads=threads, mode=mode)
+    # Batches that start mid-chunk, cross chunk ends and end on one.
+    for start, end in [(0, 3), (3, 3 + n // 2), (3 + n // 2, n)]:
+        batched.feed(tokens[start:end])
+        assert batched.position == end
+    assert np.array_equal(batched.engine.logits(), expected[n - 1])
+    following = run_tokens(batched, tokens[n:])
+    assert np.array_equal(following, expected[n:])
+

@@ -1,6 +1,7 @@
 //! The forward pass of one token.
 
-use super::ops::{add_in_place, dot, rmsnorm, softmax, swiglu};
+use super::ops::{add_in_place, rmsnorm, swiglu};
+use super::prefill::attention;
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
 
@@ -45,7 +46,7 @@ impl Transformer {
 
     fn forward_layers(&self, state: &mut State, token: u32, row: usize, chunk_pos: usize) {
         let c = *self.config();
-        let (dim, kv_dim, head_size) = (c.dim, c.kv_dim(), c.head_size());
+        let (dim, kv_dim) = (c.dim, c.kv_dim());
         let rows = c.cache_rows();
         let State { mem, key_cache, value_cache, scratch: s, .. } = state;
 
@@ -68,25 +69,9 @@ impl Transformer {
             self.rope.rotate(&mut key_cache[kv_row], row);
 
             // Multi-head attention over window rows 0..=row; the heads fill xb.
-            let scale = 1.0 / (head_size as f32).sqrt();
-            for h in 0..c.n_heads {
-                let q = &s.q[h * head_size..(h + 1) * head_size];
-                let kv_offset = (h / c.kv_mul()) * head_size;
-                let scores = &mut s.scores[..=row];
-                for (t, score) in scores.iter_mut().enumerate() {
-                    let k = layer_cache + t * kv_dim + kv_offset;
-                    *score = dot(q, &key_cache[k..k + head_size]) * scale;
-                }
-                softmax(scores);
-                let out = &mut s.xb[h * head_size..(h + 1) * head_size];
-                out.fill(0.0);
-                for (t, &weight) in scores.iter().enumerate() {
-                    let v = layer_cache + t * kv_dim + kv_offset;
-                    for (o, &vi) in out.iter_mut().zip(&value_cache[v..v + head_size]) {
-                        *o += weight * vi;
-                    }
-                }
-            }
+            let layer_rows = layer_cache..layer_cache + rows * kv_dim;
+            let (keys, values) = (&key_cache[layer_rows.clone()], &value_cache[layer_rows]);
+            attention(&s.q, keys, values, row, &c, &mut s.xb, &mut s.scores);
 
             // The attention output (before wo) becomes this chunk position's memory.
             if c.is_memory_model() {

@@ -3,6 +3,7 @@
 mod forward;
 mod matmul;
 mod memory;
+mod prefill;
 pub mod ops;
 pub mod state;
 

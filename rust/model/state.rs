@@ -35,9 +35,12 @@ pub(crate) struct Scratch {
     pub batch: BatchScratch,
 }
 
-/// Buffers for batches of up to `mem_len` rows (memory updates, batched prefill).
+/// Buffers for batches of up to `rows` rows (memory updates, batched prefill).
 pub(crate) struct BatchScratch {
     pub rows: usize,
+    pub x: Vec<f32>,   // (rows, dim) residual streams of a prefill batch
+    pub q: Vec<f32>,   // (rows, dim)
+    pub scores: Vec<f32>, // (rows, cache_rows) attention weights, one head at a time per row
     pub a: Vec<f32>,   // (rows, dim)
     pub b: Vec<f32>,   // (rows, dim)
     pub h1: Vec<f32>,  // (rows, hidden_dim)
@@ -62,6 +65,17 @@ pub(crate) fn zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// Rows per batch: a whole chunk for memory models (a chunk is the most that can be batched,
+/// since the memory update between chunks depends on all of it).
+pub(crate) fn batch_rows(c: &Config) -> usize {
+    const PLAIN_MODEL_BATCH: usize = 64;
+    if c.is_memory_model() {
+        c.mem_len
+    } else {
+        c.seq_len.min(PLAIN_MODEL_BATCH)
+    }
+}
+
 impl State {
     pub(crate) fn new(c: &Config, group_size: usize) -> Result<State> {
         let cache_len = c
@@ -69,9 +83,12 @@ impl State {
             .checked_mul(c.cache_rows())
             .and_then(|n| n.checked_mul(c.kv_dim()))
             .ok_or_else(|| Error::InvalidSetting("key/value cache size overflows".into()))?;
-        let batch_rows = c.mem_len.max(1);
+        let batch_rows = batch_rows(c);
         let batch = BatchScratch {
             rows: batch_rows,
+            x: zeroed(batch_rows * c.dim, "batch buffers")?,
+            q: zeroed(batch_rows * c.dim, "batch buffers")?,
+            scores: zeroed(batch_rows * c.cache_rows(), "batch buffers")?,
             a: zeroed(batch_rows * c.dim, "batch buffers")?,
             b: zeroed(batch_rows * c.dim, "batch buffers")?,
             h1: zeroed(batch_rows * c.hidden_dim, "batch buffers")?,

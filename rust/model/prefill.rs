@@ -1,0 +1,186 @@
+//! Batched prefill: tokens known in advance go through each layer together, so every weight
+//! matrix is read once per batch instead of once per token.
+
+use rayon::prelude::*;
+
+use super::ops::{add_in_place, dot, rmsnorm, softmax, swiglu};
+use super::state::batch_rows;
+use super::{State, Transformer, UpdateMode};
+use crate::error::{Error, Result};
+
+impl Transformer {
+    /// Feeds `tokens` in order, as `forward` would one by one, and leaves the logits of the
+    /// last one. Memory models batch up to the end of each chunk; token update mode changes
+    /// the memory after every token, so it runs token by token.
+    pub fn feed(&self, state: &mut State, tokens: &[u32]) -> Result<()> {
+        let c = *self.config();
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::TokenOutOfRange { token: token as i64, vocab_size: c.vocab_size });
+        }
+        if !c.is_memory_model() && state.position + tokens.len() as u64 > c.seq_len as u64 {
+            return Err(Error::ContextFull {
+                seq_len: c.seq_len,
+                position: (state.position as usize).saturating_add(tokens.len()),
+            });
+        }
+        let mut rest = tokens;
+        while !rest.is_empty() {
+            let n = if self.mode == UpdateMode::Token {
+                1
+            } else if c.is_memory_model() {
+                let chunk_pos = (state.position % c.mem_len as u64) as usize;
+                rest.len().min(c.mem_len - chunk_pos)
+            } else {
+                rest.len().min(batch_rows(&c))
+            };
+            let (batch, tail) = rest.split_at(n);
+            if n == 1 {
+                self.forward(state, batch[0])?;
+            } else {
+                self.forward_batch(state, batch);
+            }
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens`, which all fall in the current chunk (or fit the context of a plain
+    /// model), through the layers as one batch, then the memory update if the chunk is done.
+    fn forward_batch(&self, state: &mut State, tokens: &[u32]) {
+        let c = *self.config();
+        let (first_row, chunk_pos) = if c.is_memory_model() {
+            let chunk_pos = (state.position % c.mem_len as u64) as usize;
+            (c.mem_len + chunk_pos, chunk_pos)
+        } else {
+            (state.position as usize, 0)
+        };
+        self.run(|| self.forward_batch_layers(state, tokens, first_row, chunk_pos));
+        state.position += tokens.len() as u64;
+        if c.is_memory_model() && chunk_pos + tokens.len() == c.mem_len {
+            self.run(|| {
+                for l in 0..c.n_layers {
+                    self.update_memory(state, l, 0..c.mem_len);
+                }
+            });
+        }
+    }
+
+    fn forward_batch_layers(&self, state: &mut State, tokens: &[u32], first_row: usize, chunk_pos: usize) {
+        let c = *self.config();
+        let (dim, hidden, kv_dim) = (c.dim, c.hidden_dim, c.kv_dim());
+        let n = tokens.len();
+        let rows = c.cache_rows();
+        let State { mem, key_cache, value_cache, scratch, .. } = state;
+        let b = &mut scratch.batch;
+
+        // Token embeddings, one row per token.
+        for (i, &token) in tokens.iter().enumerate() {
+            self.weights.embedding.read_row(token as usize, &mut b.x[i * dim..(i + 1) * dim]);
+        }
+
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let layer_cache = l * rows * kv_dim;
+            let window = layer_cache + first_row * kv_dim..layer_cache + (first_row + n) * kv_dim;
+
+            // Attention rmsnorm, then q, k, v for the whole batch; k and v go into the cache.
+            for i in 0..n {
+                rmsnorm(&mut b.a[i * dim..(i + 1) * dim], &b.x[i * dim..(i + 1) * dim], layer.rms_att);
+                self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
+            }
+            self.matmul(&mut b.q, &layer.wq, &b.a, &b.aq, n);
+            self.matmul(&mut key_cache[window.clone()], &layer.wk, &b.a, &b.aq, n);
+            self.matmul(&mut value_cache[window.clone()], &layer.wv, &b.a, &b.aq, n);
+
+            // RoPE, each token at its own window row.
+            for i in 0..n {
+                self.rope.rotate(&mut b.q[i * dim..(i + 1) * dim], first_row + i);
+                let k = window.start + i * kv_dim;
+                self.rope.rotate(&mut key_cache[k..k + kv_dim], first_row + i);
+            }
+
+            // Causal attention: token i sees window rows 0..=first_row + i. Tokens are
+            // independent here, so they run in parallel, each writing its row of b.a.
+            let keys = &key_cache[layer_cache..layer_cache + rows * kv_dim];
+            let values = &value_cache[layer_cache..layer_cache + rows * kv_dim];
+            let queries = &b.q;
+            let attend = |(i, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
+                let q = &queries[i * dim..(i + 1) * dim];
+                attention(q, keys, values, first_row + i, &c, out, scores);
+            };
+            if self.threads() > 1 {
+                let outs = b.a[..n * dim].par_chunks_mut(dim);
+                outs.zip(b.scores.par_chunks_mut(rows)).enumerate().for_each(attend);
+            } else {
+                let outs = b.a[..n * dim].chunks_mut(dim);
+                outs.zip(b.scores.chunks_mut(rows)).enumerate().for_each(attend);
+            }
+
+            // The attention outputs become this chunk's memory rows.
+            if c.is_memory_model() {
+                let slot = (l * c.mem_len + chunk_pos) * dim;
+                mem[slot..slot + n * dim].copy_from_slice(&b.a[..n * dim]);
+            }
+
+            // Output projection and residual.
+            for i in 0..n {
+                self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
+            }
+            self.matmul(&mut b.b, &layer.wo, &b.a, &b.aq, n);
+            add_in_place(&mut b.x[..n * dim], &b.b[..n * dim]);
+
+            // SwiGLU feed-forward and residual.
+            for i in 0..n {
+                rmsnorm(&mut b.a[i * dim..(i + 1) * dim], &b.x[i * dim..(i + 1) * dim], layer.rms_ffn);
+                self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
+            }
+            self.matmul(&mut b.h1, &layer.w1, &b.a, &b.aq, n);
+            self.matmul(&mut b.h3, &layer.w3, &b.a, &b.aq, n);
+            for i in 0..n {
+                let span = i * hidden..(i + 1) * hidden;
+                swiglu(&mut b.h1[span.clone()], &b.h3[span.clone()]);
+                self.prepare(&b.h1[span], &mut b.hq[i]);
+            }
+            self.matmul(&mut b.b, &layer.w2, &b.h1, &b.hq, n);
+            add_in_place(&mut b.x[..n * dim], &b.b[..n * dim]);
+        }
+
+        // Logits of the last token only: nothing reads the others.
+        let s = &mut scratch.logits;
+        let last = &b.x[(n - 1) * dim..n * dim];
+        rmsnorm(&mut scratch.xb, last, self.weights.rms_final);
+        self.prepare(&scratch.xb, &mut scratch.xq);
+        self.matvec(s, &self.weights.wcls, &scratch.xb, &scratch.xq);
+    }
+}
+
+/// Multi-head attention of one query over window rows `0..=row`, written to `out` (dim).
+pub(super) fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    row: usize,
+    c: &crate::config::Config,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
+    let (head_size, kv_dim) = (c.head_size(), c.kv_dim());
+    let scale = 1.0 / (head_size as f32).sqrt();
+    for h in 0..c.n_heads {
+        let q = &q[h * head_size..(h + 1) * head_size];
+        let kv_offset = (h / c.kv_mul()) * head_size;
+        let scores = &mut scores[..=row];
+        for (t, score) in scores.iter_mut().enumerate() {
+            let k = t * kv_dim + kv_offset;
+            *score = dot(q, &keys[k..k + head_size]) * scale;
+        }
+        softmax(scores);
+        let out = &mut out[h * head_size..(h + 1) * head_size];
+        out.fill(0.0);
+        for (t, &weight) in scores.iter().enumerate() {
+            let v = t * kv_dim + kv_offset;
+            for (o, &vi) in out.iter_mut().zip(&values[v..v + head_size]) {
+                *o += weight * vi;
+            }
+        }
+    }
+}
