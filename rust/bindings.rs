@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use numpy::PyArray1;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyArithmeticError, PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyArithmeticError, PyFileNotFoundError, PyIsADirectoryError, PyMemoryError, PyOSError,
+    PyPermissionError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -39,10 +42,17 @@ create_exception!(
 fn to_py(err: Error) -> PyErr {
     let message = err.to_string();
     match err {
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            PyFileNotFoundError::new_err(message)
+        Error::Io { path, source } => {
+            // (errno, message, filename), as Python's own OSErrors carry them.
+            let args = (source.raw_os_error().unwrap_or(0), message, path);
+            match source.kind() {
+                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
+                std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(args),
+                std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),
+                _ => PyOSError::new_err(args),
+            }
         }
-        Error::Io { .. } => PyOSError::new_err(message),
+        Error::OutOfMemory { .. } => PyMemoryError::new_err(message),
         Error::InvalidHeader { .. } | Error::InvalidLayout { .. } => CheckpointError::new_err(message),
         Error::ContextFull { .. } => ContextFullError::new_err(message),
         Error::NonFiniteLogits { .. } => NonFiniteLogitsError::new_err(message),
@@ -198,8 +208,7 @@ impl Engine {
     /// Sets the sampling settings; `seed` (when given) restarts the random generator.
     #[pyo3(signature = (temperature, top_p, seed=None))]
     fn set_sampling(&mut self, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<()> {
-        self.sampler.set_temperature(temperature).map_err(to_py)?;
-        self.sampler.set_top_p(top_p).map_err(to_py)?;
+        self.sampler.configure(temperature, top_p).map_err(to_py)?;
         if let Some(seed) = seed {
             self.sampler.reseed(seed);
         }

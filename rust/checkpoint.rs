@@ -75,20 +75,40 @@ pub(crate) enum Region {
     Q8 { offset: u64, len: usize, scales_offset: u64 },
 }
 
-/// The byte layout of every tensor of one checkpoint. Per-layer matrices have one region each.
+/// The regions of one tensor in every layer: they follow each other at a fixed stride, so
+/// planning a file costs the same for any n_layers (a hostile header can claim billions).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PerLayer {
+    first: Region,
+    stride: u64,
+}
+
+impl PerLayer {
+    pub fn at(&self, layer: usize) -> Region {
+        let shift = self.stride * layer as u64;
+        match self.first {
+            Region::F32 { offset, len } => Region::F32 { offset: offset + shift, len },
+            Region::Q8 { offset, len, scales_offset } => {
+                Region::Q8 { offset: offset + shift, len, scales_offset: scales_offset + shift }
+            }
+        }
+    }
+}
+
+/// The byte layout of every tensor of one checkpoint.
 #[derive(Debug)]
 pub(crate) struct Layout {
-    pub rms_att: Vec<Region>,
-    pub rms_ffn: Vec<Region>,
+    pub rms_att: PerLayer,
+    pub rms_ffn: PerLayer,
     pub rms_final: Region,
     pub embedding: Region,
-    pub wq: Vec<Region>,
-    pub wk: Vec<Region>,
-    pub wv: Vec<Region>,
-    pub wo: Vec<Region>,
-    pub w1: Vec<Region>,
-    pub w2: Vec<Region>,
-    pub w3: Vec<Region>,
+    pub wq: PerLayer,
+    pub wk: PerLayer,
+    pub wv: PerLayer,
+    pub wo: PerLayer,
+    pub w1: PerLayer,
+    pub w2: PerLayer,
+    pub w3: PerLayer,
     /// Present only in memory checkpoints.
     pub memory: Option<MemoryLayout>,
     /// Present only when the classifier is not shared with the embedding.
@@ -98,12 +118,12 @@ pub(crate) struct Layout {
 
 #[derive(Debug)]
 pub(crate) struct MemoryLayout {
-    pub rms_mem: Vec<Region>,
-    pub rms_mff: Vec<Region>,
-    pub ori_mem: Vec<Region>,
-    pub aw1: Vec<Region>,
-    pub aw2: Vec<Region>,
-    pub aw3: Vec<Region>,
+    pub rms_mem: PerLayer,
+    pub rms_mff: PerLayer,
+    pub ori_mem: PerLayer,
+    pub aw1: PerLayer,
+    pub aw2: PerLayer,
+    pub aw3: PerLayer,
 }
 
 /// A parsed and validated header together with the layout it implies.
@@ -212,8 +232,8 @@ fn parse_legacy(path: &Path, reader: &HeaderReader, magic: u32, file_len: u64) -
     legacy.map_err(|e| Error::InvalidLayout {
         path: path.into(),
         message: format!(
-            "magic is {magic:#010x}, expected {MAGIC:#010x}, and the file is not a legacy \
-             headerless llama2.c checkpoint either ({})",
+            "the file does not start with the magic {MAGIC:#010x} (its first 4 bytes are \
+             {magic:#010x}), and read as a legacy headerless llama2.c checkpoint: {}",
             strip_path(&e, path)
         ),
     })
@@ -300,7 +320,9 @@ impl HeaderReader<'_> {
         }
         let shared_classifier = if flag_offset == usize::MAX {
             let shared = raw[5] > 0;
-            raw[5] = raw[5].checked_abs().unwrap_or(0);
+            raw[5] = raw[5].checked_abs().ok_or_else(|| {
+                invalid(self.path, "vocab_size", raw[5], "a nonzero integer (negative marks a separate classifier)")
+            })?;
             shared
         } else {
             let [flag] = self.array::<1>(flag_offset, "shared_classifier")?;
@@ -426,8 +448,13 @@ impl Cursor<'_> {
         }
     }
 
-    fn per_layer(&mut self, quantized: bool, layers: usize, dims: &[usize]) -> Result<Vec<Region>> {
-        (0..layers).map(|_| self.tensor(quantized, dims)).collect()
+    fn per_layer(&mut self, quantized: bool, layers: usize, dims: &[usize]) -> Result<PerLayer> {
+        let start = self.offset;
+        let first = self.tensor(quantized, dims)?;
+        let stride = self.offset - start;
+        let rest = stride.checked_mul(layers as u64 - 1).ok_or_else(|| self.overflow())?;
+        self.offset = self.offset.checked_add(rest).ok_or_else(|| self.overflow())?;
+        Ok(PerLayer { first, stride })
     }
 }
 

@@ -47,7 +47,16 @@ pub enum Error {
     #[error("invalid memory file: {0}")]
     InvalidMemory(String),
 
-    #[error("invalid setting: {0}")]
+    /// A buffer the header asks for (the key/value cache of a huge seq_len, say) cannot be
+    /// allocated.
+    #[error(
+        "cannot allocate {what}: {bytes} bytes; the checkpoint's {field} is too large for \
+         this machine's memory"
+    )]
+    OutOfMemory { what: &'static str, field: &'static str, bytes: u128 },
+
+    /// A setting given by the caller is out of range; the message names it.
+    #[error("{0}")]
     InvalidSetting(String),
 }
 

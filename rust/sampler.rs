@@ -33,9 +33,17 @@ impl Sampler {
             probs: Vec::with_capacity(vocab_size),
             candidates: Vec::with_capacity(vocab_size),
         };
-        sampler.set_temperature(temperature)?;
-        sampler.set_top_p(top_p)?;
+        sampler.configure(temperature, top_p)?;
         Ok(sampler)
+    }
+
+    /// Sets both settings, or neither when one of them is invalid.
+    pub fn configure(&mut self, temperature: f32, top_p: f32) -> Result<()> {
+        check_temperature(temperature)?;
+        check_top_p(top_p)?;
+        self.temperature = temperature;
+        self.top_p = top_p;
+        Ok(())
     }
 
     pub fn temperature(&self) -> f32 {
@@ -46,25 +54,6 @@ impl Sampler {
         self.top_p
     }
 
-    pub fn set_temperature(&mut self, temperature: f32) -> Result<()> {
-        if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(Error::InvalidSetting(format!(
-                "temperature {temperature} is invalid: use 0 for greedy decoding or a positive number"
-            )));
-        }
-        self.temperature = temperature;
-        Ok(())
-    }
-
-    pub fn set_top_p(&mut self, top_p: f32) -> Result<()> {
-        if !(0.0..=1.0).contains(&top_p) {
-            return Err(Error::InvalidSetting(format!(
-                "top_p {top_p} is invalid: use a probability mass between 0 and 1"
-            )));
-        }
-        self.top_p = top_p;
-        Ok(())
-    }
 
     pub fn reseed(&mut self, seed: u64) {
         self.rng = splitmix64(seed);
@@ -114,6 +103,24 @@ impl Sampler {
         let probs = &self.probs;
         Ok(pick(self.candidates.iter().map(|&i| (i, probs[i as usize])), r, mass))
     }
+}
+
+fn check_temperature(temperature: f32) -> Result<()> {
+    if temperature.is_finite() && temperature >= 0.0 {
+        return Ok(());
+    }
+    Err(Error::InvalidSetting(format!(
+        "temperature {temperature} is invalid: use 0 for greedy decoding or a positive number"
+    )))
+}
+
+fn check_top_p(top_p: f32) -> Result<()> {
+    if (0.0..=1.0).contains(&top_p) {
+        return Ok(());
+    }
+    Err(Error::InvalidSetting(format!(
+        "top_p {top_p} is invalid: use a probability mass between 0 and 1"
+    )))
 }
 
 fn argmax(values: &[f32]) -> u32 {

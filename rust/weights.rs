@@ -145,23 +145,23 @@ fn build(header: Header, map: Mmap, fingerprint: u64) -> Weights {
     let mut layers = Vec::with_capacity(config.n_layers);
     for l in 0..config.n_layers {
         let memory = layout.memory.as_ref().map(|m| MemoryWeights {
-            rms_mff: slicer.f32s(m.rms_mff[l]),
-            rms_mem: slicer.f32s(m.rms_mem[l]),
-            ori_mem: slicer.f32s(m.ori_mem[l]),
-            aw1: slicer.matrix(m.aw1[l], hidden, dim),
-            aw2: slicer.matrix(m.aw2[l], dim, hidden),
-            aw3: slicer.matrix(m.aw3[l], hidden, dim),
+            rms_mff: slicer.f32s(m.rms_mff.at(l)),
+            rms_mem: slicer.f32s(m.rms_mem.at(l)),
+            ori_mem: slicer.f32s(m.ori_mem.at(l)),
+            aw1: slicer.matrix(m.aw1.at(l), hidden, dim),
+            aw2: slicer.matrix(m.aw2.at(l), dim, hidden),
+            aw3: slicer.matrix(m.aw3.at(l), hidden, dim),
         });
         layers.push(LayerWeights {
-            rms_att: slicer.f32s(layout.rms_att[l]),
-            rms_ffn: slicer.f32s(layout.rms_ffn[l]),
-            wq: slicer.matrix(layout.wq[l], dim, dim),
-            wk: slicer.matrix(layout.wk[l], kv_dim, dim),
-            wv: slicer.matrix(layout.wv[l], kv_dim, dim),
-            wo: slicer.matrix(layout.wo[l], dim, dim),
-            w1: slicer.matrix(layout.w1[l], hidden, dim),
-            w2: slicer.matrix(layout.w2[l], dim, hidden),
-            w3: slicer.matrix(layout.w3[l], hidden, dim),
+            rms_att: slicer.f32s(layout.rms_att.at(l)),
+            rms_ffn: slicer.f32s(layout.rms_ffn.at(l)),
+            wq: slicer.matrix(layout.wq.at(l), dim, dim),
+            wk: slicer.matrix(layout.wk.at(l), kv_dim, dim),
+            wv: slicer.matrix(layout.wv.at(l), kv_dim, dim),
+            wo: slicer.matrix(layout.wo.at(l), dim, dim),
+            w1: slicer.matrix(layout.w1.at(l), hidden, dim),
+            w2: slicer.matrix(layout.w2.at(l), dim, hidden),
+            w3: slicer.matrix(layout.w3.at(l), hidden, dim),
             memory,
         });
     }

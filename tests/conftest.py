@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Each section belongs to one area of the package."""
+"""Shared pytest fixtures, in one section per area of the package."""
 
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Held-out chitchat messages for parity tests; training never sees them.
+# Number of final chitchat messages held out for parity tests. Training never uses them.
 HELD_OUT_LINES = 3000
-# Messages the trainer samples (with a fixed seed), enough for a 2000-piece BPE in about 1 s.
-TRAINING_SENTENCES = 40000
+# Chitchat messages to train on: enough for a 2000-piece BPE, which trains in about 0.3 s.
+TRAINING_MESSAGES = 40000
+# Maximum number of sentences the trainer loads. The tests pass fewer, so none are dropped.
+MAX_TRAINING_SENTENCES = 100000
 TRAINING_SEED = 1234
 _TOKENIZER_SOURCE_MODULE = "_llama2rnn_tokenizer_source"
 
 # The chitchat corpus is ASCII only. These lines, repeated in training, give the vocabulary
-# some multi-byte pieces, while rarer characters stay outside it (character_coverage) and
-# go through byte fallback.
+# pieces of several multi-byte characters, while the rarest characters stay outside it
+# (character_coverage) and go through byte fallback.
 MULTILINGUAL_LINES = [
     "Ça va très bien, merci ! On se voit au café après l'école ?",
     "Die Straße ist schön, aber die Brücke über den Fluss ist gesperrt.",
@@ -41,7 +43,7 @@ MULTILINGUAL_LINES = [
     "That sounds great 😀 see you soon 👍 ❤️",
     "Naïve façade, jalapeño piñata, coöperate, señor Müller.",
 ]
-MULTILINGUAL_REPEATS = 40
+MULTILINGUAL_REPEATS = 100
 
 
 class TrainedTokenizer(NamedTuple):
@@ -54,8 +56,8 @@ class TrainedTokenizer(NamedTuple):
 def _import_tokenizer_module() -> ModuleType:
     """Import llama2rnn.tokenizer, or its source file when the package cannot be imported.
 
-    The package's __init__ may import the compiled extension, which exists only after a
-    maturin build; the tokenizer module itself is pure Python.
+    The package's __init__ imports the compiled extension, which exists only after a
+    maturin build, but the tokenizer module itself is pure Python.
     """
     try:
         return importlib.import_module("llama2rnn.tokenizer")
@@ -65,7 +67,8 @@ def _import_tokenizer_module() -> ModuleType:
         return sys.modules[_TOKENIZER_SOURCE_MODULE]
     path = REPO_ROOT / "python" / "llama2rnn" / "tokenizer.py"
     spec = importlib.util.spec_from_file_location(_TOKENIZER_SOURCE_MODULE, path)
-    assert spec is not None and spec.loader is not None, f"cannot load {path}"
+    assert spec is not None, f"cannot load {path}"
+    assert spec.loader is not None, f"cannot load {path}"
     module = importlib.util.module_from_spec(spec)
     # Registered before running it: dataclasses look their module up in sys.modules.
     sys.modules[_TOKENIZER_SOURCE_MODULE] = module
@@ -115,8 +118,7 @@ def _train_bpe(
         split_digits=True,
         allow_whitespace_only_pieces=True,
         character_coverage=0.9995,
-        input_sentence_size=TRAINING_SENTENCES,
-        shuffle_input_sentence=True,
+        input_sentence_size=MAX_TRAINING_SENTENCES,
         num_threads=1,
         minloglevel=2,
     )
@@ -136,7 +138,7 @@ def chitchat_tokenizer(
     tokenizer_module: ModuleType,
 ) -> TrainedTokenizer:
     """A 2000-piece BPE model with byte fallback in the Llama 2 style, and its tokenizer.bin."""
-    training = chitchat_messages[:-HELD_OUT_LINES] + MULTILINGUAL_LINES * MULTILINGUAL_REPEATS
+    training = chitchat_messages[:TRAINING_MESSAGES] + MULTILINGUAL_LINES * MULTILINGUAL_REPEATS
     prefix = tmp_path_factory.mktemp("chitchat_tokenizer") / "chitchat"
     model_path = _train_bpe(training, prefix, vocab_size=2000, byte_fallback=True)
     return _export(tokenizer_module, model_path)
@@ -150,9 +152,7 @@ def chitchat_tokenizer_without_byte_fallback(
 ) -> TrainedTokenizer:
     """A 500-piece BPE model without byte fallback, and its tokenizer.bin."""
     prefix = tmp_path_factory.mktemp("chitchat_tokenizer_no_bytes") / "chitchat_no_bytes"
-    model_path = _train_bpe(
-        chitchat_messages[:20000], prefix, vocab_size=500, byte_fallback=False
-    )
+    model_path = _train_bpe(chitchat_messages[:20000], prefix, vocab_size=500, byte_fallback=False)
     return _export(tokenizer_module, model_path)
 
 
@@ -160,7 +160,7 @@ def chitchat_tokenizer_without_byte_fallback(
 def llama2_tokenizer_dir() -> Path:
     """Folder with the Llama 2 tokenizer.model and tokenizer.bin (32000 pieces).
 
-    Set LLAMA2_TOKENIZER_DIR to choose it; the tests that use it are skipped without it.
+    Set LLAMA2_TOKENIZER_DIR to choose it. The tests that use it are skipped without it.
     """
     default = REPO_ROOT.parent / "shared" / "llama2-tokenizer"
     folder = Path(os.environ.get("LLAMA2_TOKENIZER_DIR", default))

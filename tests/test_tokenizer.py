@@ -19,7 +19,7 @@ import pytest
 spm = pytest.importorskip("sentencepiece")
 
 MEGABYTE = 1_000_000
-# About 20 times the measured 1.5 to 2.5 s for 1 MB of one character (2-core x86 machine),
+# 12 to 20 times the measured 1.5 to 2.5 s for 1 MB of one character (2-core x86 machine),
 # and far below what a quadratic merge loop needs.
 MEGABYTE_SECONDS = 30.0
 
@@ -119,7 +119,10 @@ def chitchat_vocab(tk: ModuleType, chitchat_tokenizer: Any) -> Vocab:
 @pytest.fixture(scope="module")
 def llama2_vocab(tk: ModuleType, llama2_tokenizer_dir: Path) -> Vocab:
     return make_vocab(
-        tk, "llama2", llama2_tokenizer_dir / "tokenizer.model", llama2_tokenizer_dir / "tokenizer.bin"
+        tk,
+        "llama2",
+        llama2_tokenizer_dir / "tokenizer.model",
+        llama2_tokenizer_dir / "tokenizer.bin",
     )
 
 
@@ -164,7 +167,9 @@ def test_bin_has_byte_fallback(vocab: Vocab) -> None:
     assert vocab.bin_tokenizer.byte_fallback
 
 
-def test_export_matches_llama2_bin(tk: ModuleType, llama2_tokenizer_dir: Path, tmp_path: Path):
+def test_export_matches_llama2_bin(
+    tk: ModuleType, llama2_tokenizer_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "tokenizer.bin"
     tk.write_tokenizer_bin(llama2_tokenizer_dir / "tokenizer.model", out)
     assert out.read_bytes() == (llama2_tokenizer_dir / "tokenizer.bin").read_bytes()
@@ -279,7 +284,7 @@ def test_invalid_bytes_become_replacement_chars(chitchat_vocab: Vocab) -> None:
     assert tokenizer.encode(b"\xff\x80", bos=False) == tokenizer.encode("\ufffd\ufffd", bos=False)
 
 
-def test_control_and_byte_text_is_not_merged(vocab: Vocab) -> None:
+def test_control_text_not_merged(vocab: Vocab) -> None:
     tokenizer = vocab.bin_tokenizer
     for text in ("<s>", "</s>", "<unk>", "<0x0A>", "\n<s>\n", "a<0xFF>b"):
         ids = tokenizer.encode(text, bos=False)
@@ -537,7 +542,7 @@ SMALL_PIECES = [
 ]
 
 
-def test_load_picks_class_by_content(tk: ModuleType, chitchat_vocab: Vocab, tmp_path: Path):
+def test_load_picks_class_by_content(tk: ModuleType, chitchat_vocab: Vocab, tmp_path: Path) -> None:
     # File names that lie about the format.
     model_copy = shutil.copy(chitchat_vocab.model_path, tmp_path / "model.bin")
     bin_copy = shutil.copy(chitchat_vocab.bin_path, tmp_path / "tokenizer.model")
@@ -559,9 +564,44 @@ def test_load_bin_starting_like_protobuf(tk: ModuleType, tmp_path: Path) -> None
 
 def test_small_vocab_merges(tk: ModuleType, tmp_path: Path) -> None:
     tokenizer = tk.Tokenizer.from_file(write_bin(tmp_path / "small.bin", 6, SMALL_PIECES))
-    # " a" outscores "ab", so "ab" is " a" + "b"; "c" is unknown and has no byte fallback.
+    # " a" outscores "ab", so "ab" becomes " a" + "b". The vocabulary has no "c" and no byte
+    # pieces, so each run of "c" becomes one <unk>.
     assert tokenizer.encode("ab", bos=False) == [3, 7]
     assert tokenizer.encode("abcc", bos=False, eos=True) == [3, 7, 0, 2]
+
+
+def synthetic_bin(path: Path, normal_pieces: list[str]) -> Path:
+    """Write a vocabulary with byte pieces whose normal pieces score by list order."""
+    pieces = [(0.0, b"<unk>"), (0.0, b"<s>"), (0.0, b"</s>")]
+    pieces += [(0.0, b"<0x%02X>" % value) for value in range(256)]
+    pieces += [(-float(rank), piece.encode()) for rank, piece in enumerate(normal_pieces)]
+    return write_bin(path, max(len(piece) for _, piece in pieces), pieces)
+
+
+def test_reserved_pieces_are_not_merge_targets(tk: ModuleType, tmp_path: Path) -> None:
+    # Every prefix needed to merge up to "<s>", "</s>", "<unk>" and "<0x0A>" is a normal
+    # piece, but sentencepiece never merges into control, unknown or byte pieces.
+    normal = ["<s", "</", "</s", "<u", "<un", "<unk", "<0", "<0x", "<0x0", "A>"]
+    normal += ["\u2581", "<", ">", "/", "s", "u", "n", "k", "0", "x", "A"]
+    tokenizer = tk.Tokenizer.from_file(synthetic_bin(tmp_path / "reserved.bin", normal))
+    assert tokenizer.byte_fallback
+    cases = {
+        "<s>": ["<s", ">"],
+        "</s>": ["</s", ">"],
+        "<unk>": ["<unk", ">"],
+        "<0x0A>": ["<0x0", "A>"],
+    }
+    for text, pieces in cases.items():
+        ids = tokenizer.encode(text, bos=False)
+        assert ids == [tokenizer.piece_to_id(piece) for piece in ["\u2581"] + pieces], text
+        assert tokenizer.decode(ids) == text
+
+
+def test_space_fallback_uses_whitespace_marker_bytes(tk: ModuleType, tmp_path: Path) -> None:
+    # Without a "▁" piece, a space falls back to the bytes of U+2581, as in sentencepiece.
+    tokenizer = tk.Tokenizer.from_file(synthetic_bin(tmp_path / "no_space.bin", ["a", "b"]))
+    marker_bytes = [3 + value for value in "\u2581".encode()]
+    assert tokenizer.encode("a b", bos=False) == marker_bytes + [259] + marker_bytes + [260]
 
 
 @pytest.mark.parametrize("loader", ["Tokenizer", "SentencePieceTokenizer", "load_tokenizer"])

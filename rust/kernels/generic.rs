@@ -1,6 +1,25 @@
 //! Portable kernels: the reference every SIMD path must match bit for bit.
 
-use super::QuantizedVec;
+use super::{QuantizedVec, LANES};
+
+/// Sums eight lane partial sums in the tree order of a 256-bit horizontal add:
+/// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+#[inline(always)]
+pub fn sum_lanes(l: &[f32; LANES]) -> f32 {
+    let half = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (half[0] + half[2]) + (half[1] + half[3])
+}
+
+/// Adds group `g`'s scaled integer sum to its lane: the step every path shares, so that all
+/// paths round identically.
+#[inline(always)]
+pub fn accumulate_group(lanes: &mut [f32; LANES], g: usize, isum: i32, w_scale: f32, x_scale: f32) {
+    lanes[g % LANES] += (isum as f32 * w_scale) * x_scale;
+}
+
+pub fn isum(w: &[i8], x: &[i8]) -> i32 {
+    w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
+}
 
 pub fn matvec_q8(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
     let cols = x.q.len();
@@ -9,36 +28,36 @@ pub fn matvec_q8(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec
     for (r, o) in out.iter_mut().enumerate() {
         let row = &w_q[r * cols..(r + 1) * cols];
         let row_scales = &w_scales[r * groups..(r + 1) * groups];
-        let mut sum = 0.0f32;
+        let mut lanes = [0.0f32; LANES];
         for g in 0..groups {
             let span = g * gs..(g + 1) * gs;
-            let isum: i32 = row[span.clone()]
-                .iter()
-                .zip(&x.q[span])
-                .map(|(&w, &a)| w as i32 * a as i32)
-                .sum();
-            sum += (isum as f32 * row_scales[g]) * x.scales[g];
+            accumulate_group(&mut lanes, g, isum(&row[span.clone()], &x.q[span]), row_scales[g], x.scales[g]);
         }
-        *o = sum;
+        *o = sum_lanes(&lanes);
     }
 }
 
 pub fn matvec_f32(out: &mut [f32], w: &[f32], x: &[f32]) {
-    let cols = x.len();
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(cols)) {
-        // Eight independent partial sums let the compiler vectorize the loop.
-        let mut acc = [0.0f32; 8];
-        let mut chunks = row.chunks_exact(8).zip(x.chunks_exact(8));
-        for (wc, xc) in &mut chunks {
-            for i in 0..8 {
-                acc[i] += wc[i] * xc[i];
-            }
-        }
-        let tail = cols - cols % 8;
-        let mut sum: f32 = acc.iter().sum();
-        for i in tail..cols {
-            sum += row[i] * x[i];
-        }
-        *o = sum;
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
+        *o = dot_f32(row, x);
     }
+}
+
+/// Dot product with eight independent partial sums, which lets the compiler vectorize it.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0.0f32; LANES];
+    let (a_main, a_tail) = a[..n].split_at(n - n % LANES);
+    let (b_main, b_tail) = b[..n].split_at(n - n % LANES);
+    for (ac, bc) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ac[i] * bc[i];
+        }
+    }
+    let mut sum = sum_lanes(&acc);
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y;
+    }
+    sum
 }

@@ -2,9 +2,11 @@
 //!
 //! Activations are quantized per group exactly as the weights are (symmetric, scale =
 //! max|x| / 127, ties rounded away from zero), products are summed in int32 per group, and
-//! each group's sum is scaled in fp32 as `(sum * w_scale) * x_scale`, accumulated over the
-//! groups of a row in order. Integer sums are exact and the float steps run in the same order
-//! on every path, so every path returns bit-identical results to the portable one.
+//! each group's sum is scaled in fp32 as `(sum * w_scale) * x_scale`. Group g adds into lane
+//! g % 8 of eight partial sums, which are added in a fixed tree at the end of the row: the
+//! order a SIMD path computes in, written out in `generic`. Integer sums are exact and the
+//! float steps run in the same order on every path, so every path returns bit-identical
+//! results to the portable one.
 //!
 //! Paths: `generic` (portable Rust, what runs on ARM and other targets), `avx2`, and
 //! `avx512` (AVX-512 BW + VNNI). The path is picked at run time from what the CPU reports, or
@@ -16,6 +18,9 @@ mod generic;
 mod x86;
 
 use crate::error::{Error, Result};
+
+/// Partial sums per row: one 256-bit register of f32.
+pub const LANES: usize = 8;
 
 /// Largest magnitude of a quantized value; -128 is never produced.
 pub const Q_MAX: f32 = 127.0;
@@ -115,6 +120,8 @@ pub fn matvec_f32(out: &mut [f32], w: &[f32], x: &[f32]) {
     generic::matvec_f32(out, w, x)
 }
 
+pub use generic::dot_f32;
+
 /// An activation vector quantized to Q8_0.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedVec {
@@ -140,8 +147,11 @@ impl QuantizedVec {
         self.scales.clear();
         for group in x.chunks_exact(gs) {
             let max_abs = group.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let scale = max_abs / Q_MAX;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            // f32::max skips NaN: a NaN scale keeps a NaN or infinity in the input visible in
+            // the output instead of quantizing it to 0.
+            let finite = group.iter().all(|v| v.is_finite());
+            let scale = if finite { max_abs / Q_MAX } else { f32::NAN };
+            let inv = if scale > 0.0 && finite { 1.0 / scale } else { 0.0 };
             self.scales.push(scale);
             // f32::round rounds half away from zero. Multiplying by the reciprocal can differ
             // from dividing in the last bit, so divide, as the weight quantizer does.

@@ -72,7 +72,10 @@ fn every_supported_path_matches_generic_bit_for_bit() {
     let mut rng = Lcg(42);
     // Group sizes that take the 64-byte, 32-byte and scalar branches; column counts that
     // span one group and several.
-    for &(rows, cols, gs) in &[(3, 64, 64), (7, 288, 32), (4, 768, 64), (5, 96, 32), (6, 48, 16), (2, 45, 5), (9, 128, 128)] {
+    for &(rows, cols, gs) in &[
+        (3, 64, 64), (7, 288, 32), (4, 768, 64), (5, 96, 32), (6, 48, 16), (2, 45, 5), (9, 128, 128),
+        (3, 608, 32), (2, 1216, 64), (2, 2048, 128), (4, 256, 32),
+    ] {
         let (w_q, w_s, xq) = random_case(&mut rng, rows, cols, gs);
         let mut expected = vec![0.0; rows];
         KernelPath::Generic.matvec_q8(&mut expected, &w_q, &w_s, &xq);

@@ -1,127 +1,178 @@
-//! x86-64 kernels (AVX2, AVX-512 VNNI). Each returns exactly what `generic` returns: only the
-//! int8 products and their int32 group sums are vectorized; the fp32 scaling of each group
-//! runs in the same order as the portable kernel.
+//! x86-64 kernels (AVX2, AVX-512 VNNI). Each returns exactly what `generic` returns: the int8
+//! products and their int32 group sums are exact, and the fp32 scaling runs lane for lane in
+//! the order `generic::accumulate_group` and `generic::sum_lanes` define.
 //!
-//! Both use the same sign trick: `|w|` is an unsigned byte (128 for w = -128) and `x * sign(w)`
-//! a signed one, so `maddubs`/`dpbusd` multiply them exactly. That needs `x != -128`, which
-//! the activation quantizer guarantees (|q| <= 127); weights may hold any int8.
+//! Both paths use the same sign trick: `|w|` is an unsigned byte (128 for w = -128) and
+//! `x * sign(w)` a signed one, so `maddubs`/`dpbusd` multiply them exactly. That needs
+//! `x != -128`, which the activation quantizer guarantees (|q| <= 127); weights may hold any
+//! int8.
 
 use std::arch::x86_64::*;
 
-use super::QuantizedVec;
+use super::generic::{accumulate_group, sum_lanes};
+use super::{QuantizedVec, LANES};
 
 /// Sum of the eight int32 lanes.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn hsum_i32x8(v: __m256i) -> i32 {
-    let lo = _mm256_castsi256_si128(v);
-    let hi = _mm256_extracti128_si256(v, 1);
-    let s = _mm_add_epi32(lo, hi);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
 }
 
-fn isum_scalar(w: &[i8], x: &[i8]) -> i32 {
-    w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
+/// Lane k of the result is the sum of the lanes of `v[k]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose_sum(v: &[__m256i; LANES]) -> __m256i {
+    let s01 = _mm256_hadd_epi32(v[0], v[1]);
+    let s23 = _mm256_hadd_epi32(v[2], v[3]);
+    let s45 = _mm256_hadd_epi32(v[4], v[5]);
+    let s67 = _mm256_hadd_epi32(v[6], v[7]);
+    let t0 = _mm256_hadd_epi32(s01, s23); // low halves of a..d, then high halves of a..d
+    let t1 = _mm256_hadd_epi32(s45, s67); // the same for e..h
+    let low = _mm256_permute2x128_si256(t0, t1, 0x20);
+    let high = _mm256_permute2x128_si256(t0, t1, 0x31);
+    _mm256_add_epi32(low, high)
 }
 
-/// Runs `group_sum` over every group of every row and accumulates the scaled sums.
-#[inline(always)]
-fn matvec_with(
-    out: &mut [f32],
-    w_q: &[i8],
-    w_scales: &[f32],
-    x: &QuantizedVec,
-    group_sum: impl Fn(&[i8], &[i8]) -> i32,
-) {
-    let cols = x.q.len();
-    let gs = x.group_size;
-    let groups = cols / gs;
-    for (r, o) in out.iter_mut().enumerate() {
-        let row = &w_q[r * cols..(r + 1) * cols];
-        let row_scales = &w_scales[r * groups..(r + 1) * groups];
-        let mut sum = 0.0f32;
-        for g in 0..groups {
-            let isum = group_sum(&row[g * gs..(g + 1) * gs], &x.q[g * gs..(g + 1) * gs]);
-            sum += (isum as f32 * row_scales[g]) * x.scales[g];
-        }
-        *o = sum;
+/// Partial int32 sums (eight lanes) of one group with AVX2: `maddubs` makes i16 pairs, which
+/// cannot saturate here (2 * 128 * 127 < 32767), and `madd` widens them to i32.
+///
+/// # Safety
+/// `w` and `x` must be valid for `gs` bytes, `gs` a multiple of 32.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn group_avx2(w: *const i8, x: *const i8, gs: usize) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_si256();
+    for offset in (0..gs).step_by(32) {
+        // SAFETY: the caller guarantees gs readable bytes; loadu needs no alignment.
+        let (wv, xv) = unsafe {
+            (
+                _mm256_loadu_si256(w.add(offset) as *const __m256i),
+                _mm256_loadu_si256(x.add(offset) as *const __m256i),
+            )
+        };
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
     }
+    acc
 }
+
+/// Partial int32 sums (eight lanes) of one group with AVX-512 VNNI: 64 bytes per `dpbusd`
+/// where the group allows it, 32 otherwise.
+///
+/// # Safety
+/// As for [`group_avx2`].
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn group_vnni(w: *const i8, x: *const i8, gs: usize) -> __m256i {
+    let mut offset = 0;
+    let mut acc = _mm256_setzero_si256();
+    if gs >= 64 {
+        let zero = _mm512_setzero_si512();
+        let mut wide = _mm512_setzero_si512();
+        while offset + 64 <= gs {
+            // SAFETY: as above.
+            let (wv, xv) = unsafe {
+                (
+                    _mm512_loadu_si512(w.add(offset) as *const __m512i),
+                    _mm512_loadu_si512(x.add(offset) as *const __m512i),
+                )
+            };
+            let x_signed = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
+            wide = _mm512_dpbusd_epi32(wide, _mm512_abs_epi8(wv), x_signed);
+            offset += 64;
+        }
+        acc = _mm256_add_epi32(_mm512_castsi512_si256(wide), _mm512_extracti64x4_epi64(wide, 1));
+    }
+    while offset < gs {
+        // SAFETY: as above.
+        let (wv, xv) = unsafe {
+            (
+                _mm256_loadu_si256(w.add(offset) as *const __m256i),
+                _mm256_loadu_si256(x.add(offset) as *const __m256i),
+            )
+        };
+        acc = _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+        offset += 32;
+    }
+    acc
+}
+
+/// The row loop shared by both paths: eight groups at a time, their sums transposed into
+/// one vector so that lane k holds group g0 + k, scaled and added to the lane accumulators;
+/// the leftover groups go through the scalar lane step.
+macro_rules! matvec_rows {
+    ($name:ident, $features:literal, $group:ident) => {
+        /// # Safety
+        /// The CPU must support the target features; `x.group_size` a multiple of 32.
+        #[target_feature(enable = $features)]
+        pub unsafe fn $name(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
+            let cols = x.q.len();
+            let gs = x.group_size;
+            let groups = cols / gs;
+            let full = groups - groups % LANES;
+            for (r, o) in out.iter_mut().enumerate() {
+                let row = &w_q[r * cols..(r + 1) * cols];
+                let row_scales = &w_scales[r * groups..(r + 1) * groups];
+                let mut acc = _mm256_setzero_ps();
+                for g0 in (0..full).step_by(LANES) {
+                    // SAFETY: groups g0..g0 + 8 lie inside the row and inside x.q.
+                    let sums: [__m256i; LANES] = std::array::from_fn(|k| unsafe {
+                        $group(row.as_ptr().add((g0 + k) * gs), x.q.as_ptr().add((g0 + k) * gs), gs)
+                    });
+                    let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
+                    // SAFETY: g0 + 8 <= groups scales in both slices.
+                    let (ws, xs) = unsafe {
+                        (
+                            _mm256_loadu_ps(row_scales.as_ptr().add(g0)),
+                            _mm256_loadu_ps(x.scales.as_ptr().add(g0)),
+                        )
+                    };
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs));
+                }
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: lanes holds eight f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+                for g in full..groups {
+                    // SAFETY: group g lies inside the row and inside x.q.
+                    let isum = hsum_i32x8(unsafe {
+                        $group(row.as_ptr().add(g * gs), x.q.as_ptr().add(g * gs), gs)
+                    });
+                    accumulate_group(&mut lanes, g, isum, row_scales[g], x.scales[g]);
+                }
+                *o = sum_lanes(&lanes);
+            }
+        }
+    };
+}
+
+matvec_rows!(matvec_q8_avx2_rows, "avx2", group_avx2);
+matvec_rows!(matvec_q8_vnni_rows, "avx2,avx512f,avx512bw,avx512vl,avx512vnni", group_vnni);
 
 /// # Safety
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub unsafe fn matvec_q8_avx2(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
-    if x.group_size % 32 != 0 {
-        return matvec_with(out, w_q, w_scales, x, isum_scalar);
+    if x.group_size % 32 == 0 {
+        // SAFETY: the caller guarantees AVX2; the group size is a multiple of 32.
+        unsafe { matvec_q8_avx2_rows(out, w_q, w_scales, x) }
+    } else {
+        super::generic::matvec_q8(out, w_q, w_scales, x)
     }
-    matvec_with(out, w_q, w_scales, x, |w, a| {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_si256();
-        for (wb, ab) in w.chunks_exact(32).zip(a.chunks_exact(32)) {
-            // SAFETY: both chunks are exactly 32 bytes; loadu has no alignment requirement.
-            let (wv, av) = unsafe {
-                (
-                    _mm256_loadu_si256(wb.as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(ab.as_ptr() as *const __m256i),
-                )
-            };
-            let w_abs = _mm256_abs_epi8(wv);
-            let a_signed = _mm256_sign_epi8(av, wv);
-            // Pairs of u8*i8 products fit i16: 2 * 128 * 127 < 32767, so no saturation.
-            let pairs = _mm256_maddubs_epi16(w_abs, a_signed);
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
-        }
-        hsum_i32x8(acc)
-    })
 }
 
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn matvec_q8_avx512vnni(
-    out: &mut [f32],
-    w_q: &[i8],
-    w_scales: &[f32],
-    x: &QuantizedVec,
-) {
-    if x.group_size % 64 == 0 {
-        matvec_with(out, w_q, w_scales, x, |w, a| {
-            let zero = _mm512_setzero_si512();
-            let mut acc = _mm512_setzero_si512();
-            for (wb, ab) in w.chunks_exact(64).zip(a.chunks_exact(64)) {
-                // SAFETY: both chunks are exactly 64 bytes; loadu has no alignment requirement.
-                let (wv, av) = unsafe {
-                    (
-                        _mm512_loadu_si512(wb.as_ptr() as *const __m512i),
-                        _mm512_loadu_si512(ab.as_ptr() as *const __m512i),
-                    )
-                };
-                let negative = _mm512_movepi8_mask(wv);
-                let a_signed = _mm512_mask_sub_epi8(av, negative, zero, av);
-                acc = _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(wv), a_signed);
-            }
-            _mm512_reduce_add_epi32(acc)
-        })
-    } else if x.group_size % 32 == 0 {
-        matvec_with(out, w_q, w_scales, x, |w, a| {
-            let mut acc = _mm256_setzero_si256();
-            for (wb, ab) in w.chunks_exact(32).zip(a.chunks_exact(32)) {
-                // SAFETY: both chunks are exactly 32 bytes; loadu has no alignment requirement.
-                let (wv, av) = unsafe {
-                    (
-                        _mm256_loadu_si256(wb.as_ptr() as *const __m256i),
-                        _mm256_loadu_si256(ab.as_ptr() as *const __m256i),
-                    )
-                };
-                let a_signed = _mm256_sign_epi8(av, wv);
-                acc = _mm256_dpbusd_epi32(acc, _mm256_abs_epi8(wv), a_signed);
-            }
-            hsum_i32x8(acc)
-        })
+pub unsafe fn matvec_q8_avx512vnni(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
+    if x.group_size % 32 == 0 {
+        // SAFETY: the caller guarantees the features; the group size is a multiple of 32.
+        unsafe { matvec_q8_vnni_rows(out, w_q, w_scales, x) }
     } else {
-        matvec_with(out, w_q, w_scales, x, isum_scalar)
+        super::generic::matvec_q8(out, w_q, w_scales, x)
     }
 }

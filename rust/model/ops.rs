@@ -38,44 +38,71 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+pub use crate::kernels::dot_f32 as dot;
 
-/// Cosines and sines of the RoPE angles `p * 10000^(-2j / head_size)` for positions
-/// `0..positions` and pairs `j in 0..head_size/2`, computed in f64 and stored as f32.
+/// Positions with precomputed RoPE angles; later positions (plain models with a long
+/// seq_len) compute theirs on the fly, so a header cannot make the table huge.
+const ROPE_TABLE_POSITIONS: usize = 8192;
+
+/// Cosines and sines of the RoPE angles `p * 10000^(-2j / head_size)` for pairs
+/// `j in 0..head_size/2`, computed in f64 and stored as f32.
 pub struct RopeTable {
     half: usize,
-    cos: Vec<f32>, // (positions, head_size / 2)
+    freqs: Vec<f64>,
+    cos: Vec<f32>, // (table positions, head_size / 2)
     sin: Vec<f32>,
 }
 
 impl RopeTable {
     pub fn new(head_size: usize, positions: usize) -> RopeTable {
         let half = head_size / 2;
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
+        let freqs: Vec<f64> =
+            (0..half).map(|j| 10000f64.powf(-((2 * j) as f64) / head_size as f64)).collect();
+        let positions = positions.min(ROPE_TABLE_POSITIONS);
+        let mut table = RopeTable {
+            half,
+            cos: Vec::with_capacity(positions * half),
+            sin: Vec::with_capacity(positions * half),
+            freqs,
+        };
         for p in 0..positions {
             for j in 0..half {
-                let freq = 10000f64.powf(-((2 * j) as f64) / head_size as f64);
-                let angle = p as f64 * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                let (sin, cos) = table.angle(p, j).sin_cos();
+                table.cos.push(cos as f32);
+                table.sin.push(sin as f32);
             }
         }
-        RopeTable { half, cos, sin }
+        table
+    }
+
+    fn angle(&self, pos: usize, j: usize) -> f64 {
+        pos as f64 * self.freqs[j]
     }
 
     /// Rotates each pair (2j, 2j+1) of every head in `x` to position `pos`.
     pub fn rotate(&self, x: &mut [f32], pos: usize) {
-        let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
-        let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        for head in x.chunks_exact_mut(2 * self.half) {
-            for j in 0..self.half {
-                let (x0, x1) = (head[2 * j], head[2 * j + 1]);
-                head[2 * j] = x0 * cos[j] - x1 * sin[j];
-                head[2 * j + 1] = x0 * sin[j] + x1 * cos[j];
-            }
+        let half = self.half;
+        if (pos + 1) * half > self.cos.len() {
+            // NOTE: allocates; only plain models past the table's positions get here.
+            let (sin, cos): (Vec<f32>, Vec<f32>) = (0..half)
+                .map(|j| {
+                    let (s, c) = self.angle(pos, j).sin_cos();
+                    (s as f32, c as f32)
+                })
+                .unzip();
+            return rotate_pairs(x, &cos, &sin);
+        }
+        rotate_pairs(x, &self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+    }
+}
+
+fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        for j in 0..half {
+            let (x0, x1) = (head[2 * j], head[2 * j + 1]);
+            head[2 * j] = x0 * cos[j] - x1 * sin[j];
+            head[2 * j + 1] = x0 * sin[j] + x1 * cos[j];
         }
     }
 }

@@ -52,17 +52,21 @@ pub(crate) struct BatchScratch {
 
 /// Allocates `len` zeroed floats, reporting failure instead of aborting: `seq_len` and
 /// `mem_len` come from the file header and can ask for more memory than the machine has.
-pub(crate) fn zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
-        Error::InvalidSetting(format!(
-            "cannot allocate {what}: {len} floats ({:.1} GiB); the header's seq_len or mem_len \
-             is too large for this machine",
-            len as f64 * 4.0 / (1u64 << 30) as f64
-        ))
-    })?;
-    v.resize(len, 0.0);
-    Ok(v)
+/// The memory comes zeroed from the allocator, so pages are only touched when used.
+pub(crate) fn zeroed(len: usize, what: &'static str) -> Result<Vec<f32>> {
+    let error = || Error::OutOfMemory { what, field: "seq_len or mem_len", bytes: len as u128 * 4 };
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(len).map_err(|_| error())?;
+    // SAFETY: the layout has a nonzero size (len > 0).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut f32;
+    if ptr.is_null() {
+        return Err(error());
+    }
+    // SAFETY: ptr was allocated by the global allocator with the layout of `len` f32, all
+    // zero bytes are a valid f32 (0.0), and capacity equals the allocated length.
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
 /// Rows per batch: a whole chunk for memory models (a chunk is the most that can be batched,
@@ -82,7 +86,11 @@ impl State {
             .n_layers
             .checked_mul(c.cache_rows())
             .and_then(|n| n.checked_mul(c.kv_dim()))
-            .ok_or_else(|| Error::InvalidSetting("key/value cache size overflows".into()))?;
+            .ok_or(Error::OutOfMemory {
+                what: "the key/value cache",
+                field: "seq_len",
+                bytes: c.n_layers as u128 * c.cache_rows() as u128 * c.kv_dim() as u128 * 4,
+            })?;
         let batch_rows = batch_rows(c);
         let batch = BatchScratch {
             rows: batch_rows,

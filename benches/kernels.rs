@@ -1,0 +1,56 @@
+//! Q8_0 matrix-vector kernels on the weight shapes of the toy20M and 110M models, one
+//! benchmark per supported path: `cargo bench --bench kernels`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use llama2rnn::kernels::{KernelPath, QuantizedVec};
+
+/// (model, matrix, rows, cols): rows = outputs, cols = inputs.
+const SHAPES: &[(&str, &str, usize, usize)] = &[
+    ("toy20M", "wq", 288, 288),
+    ("toy20M", "w1", 768, 288),
+    ("toy20M", "w2", 288, 768),
+    ("toy20M", "wcls", 32000, 288),
+    ("110M", "wq", 768, 768),
+    ("110M", "w1", 2048, 768),
+    ("110M", "w2", 768, 2048),
+    ("110M", "wcls", 32000, 768),
+];
+
+fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<i8> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % 255) as i8
+        })
+        .collect()
+}
+
+fn matvec(c: &mut Criterion) {
+    let gs = 32;
+    for &(model, name, rows, cols) in SHAPES {
+        let w_q = pseudo_random_bytes(rows * cols, 1);
+        let w_scales = vec![0.01f32; rows * cols / gs];
+        let x: Vec<f32> = pseudo_random_bytes(cols, 2).iter().map(|&v| v as f32 / 64.0).collect();
+        let mut xq = QuantizedVec::with_capacity(cols, gs);
+        xq.quantize_from(&x);
+        let mut out = vec![0.0f32; rows];
+        let mut group = c.benchmark_group(format!("matvec_q8/{model}/{name}_{rows}x{cols}"));
+        group.throughput(Throughput::Bytes((rows * cols) as u64));
+        for path in KernelPath::supported() {
+            group.bench_function(path.name(), |b| {
+                b.iter(|| path.matvec_q8(black_box(&mut out), black_box(&w_q), &w_scales, black_box(&xq)))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = matvec
+}
+criterion_main!(benches);
