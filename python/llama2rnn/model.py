@@ -10,7 +10,9 @@ from typing import Iterator, Union
 import numpy as np
 
 from . import _llama2rnn
+from . import memory as memory_store
 from .checkpoint import Config
+from .memory import MemorySnapshot, MemoryWriter
 from .tokenizer import BaseTokenizer, TokenizerError, load_tokenizer
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -53,8 +55,15 @@ class Model:
     """A loaded model with its state. Text in and out needs a tokenizer; `forward` does not.
 
     Generation continues from the current state, so a memory model remembers earlier calls;
-    `reset()` starts over.
+    `reset()` starts over. `open_memory`, `load_memory` and `save_memory` keep that state in
+    memory files across processes.
     """
+
+    # Last token fed through this object (None after a reset or before any), stored in
+    # memory files. Tokens fed through `engine` directly are not tracked.
+    _last_token: int | None = None
+    # The memory opened for writing by `open_memory` or `load_memory`, if any.
+    _memory_writer: MemoryWriter | None = None
 
     def __init__(self, engine: _llama2rnn.Engine, tokenizer: BaseTokenizer | None) -> None:
         self._engine = engine
@@ -150,11 +159,14 @@ class Model:
 
     def forward(self, token: int) -> np.ndarray:
         """Feed one token id and return the logits for the next token (float32, vocab_size)."""
-        return self._engine.forward(token)
+        logits = self._engine.forward(token)
+        self._last_token = token
+        return logits
 
     def reset(self) -> None:
         """Forget everything: position 0 and the model's initial memory."""
         self._engine.reset()
+        self._last_token = None
 
     def generate(
         self,
@@ -194,7 +206,153 @@ class Model:
                     f"for {room} more (seq_len {self._config.seq_len}); shorten the prompt or "
                     "call reset()"
                 )
-        self._engine.feed(tokens)
+        start = self.position
+        try:
+            self._engine.feed(tokens)
+        finally:
+            # On a failure part way, the last token that made it in is still the last one fed.
+            consumed = self.position - start
+            if consumed > 0:
+                self._last_token = tokens[consumed - 1]
+
+    # -----------------------------------------------------------------------------------------
+    # Memory files. A name means memories/NAME.mem in the data folder. A value that contains
+    # "/" or ends in .mem is a path. The module llama2rnn.memory describes the storage rules.
+
+    @property
+    def memory_path(self) -> Path | None:
+        """Path of the memory opened for writing by `open_memory` or `load_memory`, if any."""
+        writer = self._memory_writer
+        return writer.location.path if writer is not None else None
+
+    def open_memory(self, path_or_name: PathLike, *, reset: bool = False) -> bool:
+        """Open a memory for writing, so that `save_memory()` saves there, and return whether
+        it existed.
+
+        An existing memory is loaded, unless `reset` is true: then the model starts over and
+        the next save replaces the file. A memory that does not exist yet starts from the
+        current state (or the initial one with `reset`) and is created by the first save.
+        Raises MemoryInUseError when another writer has it open, and MemoryFileError, leaving
+        the state unchanged, when the file is corrupt or was made by another model. A memory
+        opened before is closed without saving.
+        """
+        location = memory_store.locate(path_or_name)
+        writer = self._writer_for(location)
+        try:
+            exists = location.path.exists()
+            if reset:
+                self.reset()
+            elif exists:
+                self._load_bytes(memory_store.read_memory(location), location.label)
+        except BaseException:
+            if writer is not self._memory_writer:
+                writer.close()
+            raise
+        self._attach(writer)
+        return exists
+
+    def load_memory(self, path_or_name: PathLike, *, attach: bool = True) -> None:
+        """Load a saved memory, replacing the current state.
+
+        With `attach` (the default) the memory is also opened for writing as in
+        `open_memory`; with `attach=False` it is only read and no lock is taken. Raises
+        FileNotFoundError when it does not exist, and MemoryFileError, leaving the state
+        unchanged, when the file is corrupt or was made by another model.
+        """
+        location = memory_store.locate(path_or_name)
+        writer = self._writer_for(location) if attach else None
+        try:
+            self._load_bytes(memory_store.read_memory(location), location.label)
+        except BaseException:
+            if writer is not None and writer is not self._memory_writer:
+                writer.close()
+            raise
+        if writer is not None:
+            self._attach(writer)
+
+    def save_memory(self, path_or_name: PathLike | None = None, *, overwrite: bool = False) -> Path:
+        """Save the state durably and return the file's path.
+
+        Without an argument this saves to the open memory. Saving anywhere else takes that
+        memory's lock for the duration of the write, and raises FileExistsError if a file
+        is there unless `overwrite` is true. Raises MemoryWriteError when writing fails
+        (disk full, permission denied), leaving any earlier file unchanged.
+        """
+        writer = self._memory_writer
+        if path_or_name is None:
+            if writer is None:
+                raise ValueError(
+                    "no memory is open: pass a name or path, or call open_memory() first"
+                )
+            location = writer.location
+        else:
+            location = memory_store.locate(path_or_name)
+        data = self._engine.save_state(self._last_token, memory_store.now_unix_ms())
+        if writer is not None and writer.location.path == location.path:
+            writer.write(data)
+            return location.path
+        with MemoryWriter.open(location) as temporary_writer:
+            if not overwrite and location.path.exists():
+                raise FileExistsError(
+                    f"{location.label} already exists ({location.path}): open it with "
+                    "open_memory() to continue it, or pass overwrite=True to replace it"
+                )
+            temporary_writer.write(data)
+        return location.path
+
+    def close_memory(self) -> None:
+        """Release the open memory's lock without saving. Does nothing when none is open."""
+        writer = self._memory_writer
+        self._memory_writer = None
+        if writer is not None:
+            writer.close()
+
+    def reset_memory(self) -> None:
+        """Forget everything, as `reset` does. An open memory file keeps its content until the
+        next `save_memory()`."""
+        self.reset()
+
+    def snapshot(self) -> MemorySnapshot:
+        """Return an independent in-memory copy of the state (with the sampler state and the
+        last token), for `restore`."""
+        return MemorySnapshot(
+            self._engine.save_state(self._last_token, memory_store.now_unix_ms())
+        )
+
+    def restore(self, snapshot: MemorySnapshot) -> None:
+        """Return to the state of `snapshot`. Raises MemoryFileError, leaving the state
+        unchanged, for a snapshot of another model or update mode."""
+        self._load_bytes(snapshot.data, "the snapshot")
+
+    def import_raw_memory(self, path: PathLike) -> None:
+        """Load a raw memory dump of the original C runtime, replacing the current state.
+
+        The dump must have the exact size for this model (see `memory.raw_dump_size`), or
+        MemoryFileError is raised. The dump has no logits, so feed the next token before
+        sampling: `generate` does, because it feeds a prompt first.
+        """
+        source = Path(path)
+        raw = source.read_bytes()
+        data = memory_store.memory_from_raw_dump(self._engine, raw, str(source))
+        self._load_bytes(data, f"raw memory dump {source}")
+
+    def _writer_for(self, location: memory_store.MemoryLocation) -> MemoryWriter:
+        writer = self._memory_writer
+        if writer is not None and writer.location.path == location.path:
+            return writer
+        return MemoryWriter.open(location)
+
+    def _attach(self, writer: MemoryWriter) -> None:
+        if writer is not self._memory_writer:
+            self.close_memory()
+            self._memory_writer = writer
+
+    def _load_bytes(self, data: bytes, label: str) -> None:
+        try:
+            last_token = self._engine.load_state(data)
+        except _llama2rnn.MemoryFileError as error:
+            raise _llama2rnn.MemoryFileError(f"cannot load {label}: {error}") from None
+        self._last_token = last_token
 
     def _set_sampling(self, temperature: float, top_p: float, seed: int | None) -> None:
         if seed is not None and not 0 <= seed < 2**64:
@@ -211,6 +369,7 @@ class Model:
                 self._engine.feed([token])
             except _llama2rnn.ContextFullError:
                 break  # a plain model ran out of positions: the text so far stands
+            self._last_token = token
             if token in stop:
                 break
             piece = decoder.step(token)

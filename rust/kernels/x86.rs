@@ -9,7 +9,6 @@
 
 use std::arch::x86_64::*;
 
-use super::generic::{accumulate_group, sum_lanes};
 use super::{QuantizedVec, LANES};
 
 /// Sum of the eight int32 lanes.
@@ -20,6 +19,15 @@ fn hsum_i32x8(v: __m256i) -> i32 {
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
+}
+
+/// The eight lanes summed in the order of `generic::sum_lanes`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_ps(v: __m256) -> f32 {
+    let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half)); // h0 + h2, h1 + h3
+    _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 0b01)))
 }
 
 /// Lane k of the result is the sum of the lanes of `v[k]`.
@@ -107,12 +115,15 @@ unsafe fn group_vnni(w: *const i8, x: *const i8, gs: usize) -> __m256i {
 /// the leftover groups go through the scalar lane step.
 macro_rules! matvec_rows {
     ($name:ident, $features:literal, $group:ident) => {
+        /// `GS` is the group size when known at compile time (so the group loop unrolls),
+        /// or 0 to read it from `x`.
+        ///
         /// # Safety
         /// The CPU must support the target features; `x.group_size` a multiple of 32.
         #[target_feature(enable = $features)]
-        pub unsafe fn $name(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
+        unsafe fn $name<const GS: usize>(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
             let cols = x.q.len();
-            let gs = x.group_size;
+            let gs = if GS == 0 { x.group_size } else { GS };
             let groups = cols / gs;
             let full = groups - groups % LANES;
             for (r, o) in out.iter_mut().enumerate() {
@@ -121,9 +132,12 @@ macro_rules! matvec_rows {
                 let mut acc = _mm256_setzero_ps();
                 for g0 in (0..full).step_by(LANES) {
                     // SAFETY: groups g0..g0 + 8 lie inside the row and inside x.q.
-                    let sums: [__m256i; LANES] = std::array::from_fn(|k| unsafe {
-                        $group(row.as_ptr().add((g0 + k) * gs), x.q.as_ptr().add((g0 + k) * gs), gs)
-                    });
+                    let mut sums = [_mm256_setzero_si256(); LANES];
+                    for (k, sum) in sums.iter_mut().enumerate() {
+                        *sum = unsafe {
+                            $group(row.as_ptr().add((g0 + k) * gs), x.q.as_ptr().add((g0 + k) * gs), gs)
+                        };
+                    }
                     let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
                     // SAFETY: g0 + 8 <= groups scales in both slices.
                     let (ws, xs) = unsafe {
@@ -134,17 +148,25 @@ macro_rules! matvec_rows {
                     };
                     acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs));
                 }
-                let mut lanes = [0.0f32; LANES];
-                // SAFETY: lanes holds eight f32.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-                for g in full..groups {
-                    // SAFETY: group g lies inside the row and inside x.q.
-                    let isum = hsum_i32x8(unsafe {
-                        $group(row.as_ptr().add(g * gs), x.q.as_ptr().add(g * gs), gs)
-                    });
-                    accumulate_group(&mut lanes, g, isum, row_scales[g], x.scales[g]);
+                // Leftover groups: absent ones add +0.0, which leaves every lane unchanged
+                // (a lane starts at +0.0 and so can never be -0.0).
+                let rest = groups - full;
+                if rest > 0 {
+                    let mut sums = [_mm256_setzero_si256(); LANES];
+                    for (k, sum) in sums.iter_mut().enumerate().take(rest) {
+                        let g = full + k;
+                        // SAFETY: group g lies inside the row and inside x.q.
+                        *sum = unsafe { $group(row.as_ptr().add(g * gs), x.q.as_ptr().add(g * gs), gs) };
+                    }
+                    let (mut ws, mut xs) = ([0.0f32; LANES], [0.0f32; LANES]);
+                    ws[..rest].copy_from_slice(&row_scales[full..]);
+                    xs[..rest].copy_from_slice(&x.scales[full..groups]);
+                    let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
+                    // SAFETY: both arrays hold eight f32.
+                    let (ws, xs) = unsafe { (_mm256_loadu_ps(ws.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs));
                 }
-                *o = sum_lanes(&lanes);
+                *o = hsum_ps(acc);
             }
         }
     };
@@ -157,11 +179,15 @@ matvec_rows!(matvec_q8_vnni_rows, "avx2,avx512f,avx512bw,avx512vl,avx512vnni", g
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub unsafe fn matvec_q8_avx2(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
-    if x.group_size % 32 == 0 {
-        // SAFETY: the caller guarantees AVX2; the group size is a multiple of 32.
-        unsafe { matvec_q8_avx2_rows(out, w_q, w_scales, x) }
-    } else {
-        super::generic::matvec_q8(out, w_q, w_scales, x)
+    // SAFETY: the caller guarantees AVX2; each branch has a group size that is a multiple
+    // of 32.
+    unsafe {
+        match x.group_size {
+            32 => matvec_q8_avx2_rows::<32>(out, w_q, w_scales, x),
+            64 => matvec_q8_avx2_rows::<64>(out, w_q, w_scales, x),
+            gs if gs % 32 == 0 => matvec_q8_avx2_rows::<0>(out, w_q, w_scales, x),
+            _ => super::generic::matvec_q8(out, w_q, w_scales, x),
+        }
     }
 }
 
@@ -169,10 +195,14 @@ pub unsafe fn matvec_q8_avx2(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &
 /// The CPU must support AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn matvec_q8_avx512vnni(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
-    if x.group_size % 32 == 0 {
-        // SAFETY: the caller guarantees the features; the group size is a multiple of 32.
-        unsafe { matvec_q8_vnni_rows(out, w_q, w_scales, x) }
-    } else {
-        super::generic::matvec_q8(out, w_q, w_scales, x)
+    // SAFETY: the caller guarantees the features; each branch has a group size that is a
+    // multiple of 32.
+    unsafe {
+        match x.group_size {
+            32 => matvec_q8_vnni_rows::<32>(out, w_q, w_scales, x),
+            64 => matvec_q8_vnni_rows::<64>(out, w_q, w_scales, x),
+            gs if gs % 32 == 0 => matvec_q8_vnni_rows::<0>(out, w_q, w_scales, x),
+            _ => super::generic::matvec_q8(out, w_q, w_scales, x),
+        }
     }
 }
