@@ -10,6 +10,7 @@ from typing import Sequence
 
 from . import _llama2rnn
 from . import memory as memory_store
+from .chat_cli import add_chat_commands
 from .model import DEFAULT_CHECKPOINT, Model, find_tokenizer
 from .tokenizer import TokenizerError
 
@@ -36,10 +37,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+def add_sampling_options(parser: argparse.ArgumentParser, temperature: float = 1.0) -> None:
     parser.add_argument(
-        "--temperature", "-t", type=float, default=1.0,
-        help="sampling temperature; 0 picks the most likely token (default 1.0)",
+        "--temperature", "-t", type=float, default=temperature,
+        help=f"sampling temperature; 0 picks the most likely token (default {temperature})",
     )
     parser.add_argument(
         "--top-p", "-p", type=float, default=0.9,
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", type=Path, nargs="?", default=None, help="checkpoint file")
     info.set_defaults(run=run_info)
 
+    add_chat_commands(commands, add_model_options, add_sampling_options)
     add_memory_commands(commands)
     return parser
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _llama2rnn
 from . import memory as memory_store
+from . import chat as chat_template
 from .checkpoint import Config
 from .memory import MemorySnapshot, MemoryWriter
 from .tokenizer import BaseTokenizer, TokenizerError, load_tokenizer
@@ -359,7 +360,9 @@ class Model:
             raise ValueError(f"seed {seed} is invalid: use an integer from 0 to 2**64 - 1")
         self._engine.set_sampling(temperature, top_p, seed)
 
-    def _decode_loop(self, max_tokens: int) -> Iterator[str]:
+    def _decode_loop(self, max_tokens: int, close_turn: bool = False) -> Iterator[str]:
+        """Sample, feed and decode up to `max_tokens` tokens, stopping after EOS or BOS.
+        With `close_turn`, an answer cut off by `max_tokens` gets an EOS fed after it."""
         tok = self.tokenizer
         decoder = tok.decode_stream()
         stop = {tok.eos_id, tok.bos_id}
@@ -376,5 +379,46 @@ class Model:
             if piece:
                 yield piece
         tail = decoder.finish()
+        if close_turn:
+            self.close_turn()
         if tail:
             yield tail
+
+    def close_turn(self) -> None:
+        """Feed EOS unless the last token fed was EOS, so that the next chat turn starts on a
+        turn boundary (after an answer cut off by max_tokens or by Ctrl-C)."""
+        eos = self.tokenizer.eos_id
+        if self._last_token == eos or self.position == 0:
+            return
+        try:
+            self.feed([eos])
+        except _llama2rnn.ContextFullError:
+            pass  # a plain model at seq_len: there is no room to close the turn
+
+    def chat(
+        self,
+        message: str,
+        system: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: float = 0.9,
+        seed: int | None = None,
+    ) -> str:
+        """Send one user turn in the Llama 2 chat template and return the answer.
+
+        The system prompt is used only in the first turn of a fresh memory; later turns and
+        reloaded memories already hold it.
+        """
+        return "".join(self.chat_stream(message, system, max_tokens, temperature, top_p, seed))
+
+    def chat_stream(
+        self,
+        message: str,
+        system: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: float = 0.9,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Like `chat`, yielding the answer's text as it is decoded."""
+        return chat_template.chat_stream(self, message, system, max_tokens, temperature, top_p, seed)
