@@ -197,6 +197,15 @@ impl Engine {
         py.detach(|| model.feed(state, &tokens)).map_err(to_py)
     }
 
+    /// Feeds all tokens but the last, one at a time, and returns the negative log-likelihood
+    /// (nats) of each token after the first given what came before it.
+    fn score<'py>(&mut self, py: Python<'py>, tokens: Vec<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let tokens = tokens.into_iter().map(|t| self.check_token(t)).collect::<PyResult<Vec<_>>>()?;
+        let Engine { model, state, .. } = self;
+        let losses = py.detach(|| model.score(state, &tokens)).map_err(to_py)?;
+        Ok(PyArray1::from_vec(py, losses))
+    }
+
     /// Samples the next token from the logits of the last token fed.
     fn sample(&mut self) -> PyResult<u32> {
         if self.state.position == 0 {

@@ -9,6 +9,7 @@ from ._llama2rnn import (
     supported_kernels,
 )
 from .checkpoint import Config
+from .memory import MemoryInUseError, MemorySnapshot, MemoryWriteError
 from .model import Model
 from .tokenizer import SentencePieceTokenizer, Tokenizer, TokenizerError, load_tokenizer
 
@@ -17,6 +18,9 @@ __all__ = [
     "Config",
     "ContextFullError",
     "MemoryFileError",
+    "MemoryInUseError",
+    "MemorySnapshot",
+    "MemoryWriteError",
     "Model",
     "NonFiniteLogitsError",
     "SentencePieceTokenizer",

@@ -195,11 +195,17 @@ def run_piped(chat: Chat) -> int:
     for line in piped_turns(sys.stdin):
         if not line.strip():
             continue
-        for piece in chat.answer(line):
-            sys.stdout.write(piece)
+        try:
+            for piece in chat.answer(line):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        except BaseException:
+            # Ctrl-C, a closed pipe or an engine error ends the chat. The memory is saved on
+            # the way out, so the cut-off answer gets its EOS first.
+            chat.model.close_turn()
+            raise
         chat.save()
     return 0
 

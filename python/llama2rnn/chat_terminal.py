@@ -10,6 +10,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 
+from ._llama2rnn import ContextFullError
 from .chat_cli import HELP, Chat, describe_memory, feed_document, read_text, timestamp
 from .memory import data_home
 
@@ -71,21 +72,27 @@ def run_command(chat: Chat, session: PromptSession, line: str) -> bool:
 
 def answer(chat: Chat, message: str) -> None:
     print("Assistant: ", end="", flush=True)
-    stream = chat.answer(message)
+    stream = None
     try:
+        # Ctrl-C while the user's turn is fed (a long paste) also stops the answer.
+        stream = chat.answer(message)
         for piece in stream:
             print(piece, end="", flush=True)
         print()
     except KeyboardInterrupt:
-        stream.close()
+        if stream is not None:
+            stream.close()
         chat.model.close_turn()
         print("\n[answer stopped]")
     chat.save()
 
 
 def run_terminal(chat: Chat) -> int:
+    # The history file contains every message typed, so a new one is readable by the user
+    # only, like the memory files. An existing file keeps its mode.
     history = data_home() / "chat_history"
-    history.parent.mkdir(parents=True, exist_ok=True)
+    history.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    history.touch(mode=0o600, exist_ok=True)
     session: PromptSession = PromptSession(history=FileHistory(str(history)), key_bindings=key_bindings())
     print(f"llama2rnn chat: {describe_memory(chat.model)}. /help lists the commands.")
     while True:
@@ -102,4 +109,8 @@ def run_terminal(chat: Chat) -> int:
             if not run_command(chat, session, line.strip()):
                 return 0
             continue
-        answer(chat, line)
+        try:
+            answer(chat, line)
+        except ContextFullError as error:
+            # Only a plain llama2.c model fills up. The chat goes on so that /reset can free it.
+            print(f"\nerror: {error}\nThe context is full: /reset starts a new conversation.")

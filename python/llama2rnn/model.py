@@ -205,7 +205,7 @@ class Model:
                 raise _llama2rnn.ContextFullError(
                     f"the prompt is {len(tokens)} tokens but this plain llama2.c model has room "
                     f"for {room} more (seq_len {self._config.seq_len}); shorten the prompt or "
-                    "call reset()"
+                    "reset the model's state"
                 )
         start = self.position
         try:
@@ -368,11 +368,15 @@ class Model:
         stop = {tok.eos_id, tok.bos_id}
         for _ in range(max_tokens):
             token = self._engine.sample()
+            before = self.position
             try:
                 self._engine.feed([token])
             except _llama2rnn.ContextFullError:
                 break  # a plain model ran out of positions: the text so far stands
-            self._last_token = token
+            finally:
+                # Also when Ctrl-C arrives right after the feed: the token is in the state.
+                if self.position > before:
+                    self._last_token = token
             if token in stop:
                 break
             piece = decoder.step(token)

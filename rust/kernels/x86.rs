@@ -11,16 +11,6 @@ use std::arch::x86_64::*;
 
 use super::{QuantizedVec, LANES};
 
-/// Sum of the eight int32 lanes.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum_i32x8(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
-
 /// The eight lanes summed in the order of `generic::sum_lanes`.
 #[inline]
 #[target_feature(enable = "avx2")]

@@ -101,3 +101,26 @@ impl Transformer {
         self.matvec(&mut s.logits, &self.weights.wcls, &s.xb, &s.xq);
     }
 }
+
+impl Transformer {
+    /// Feeds `tokens[..n-1]` one at a time and returns, for each, the negative
+    /// log-likelihood in nats of the token that follows it. The last token is not fed.
+    pub fn score(&self, state: &mut State, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut losses = Vec::with_capacity(tokens.len().saturating_sub(1));
+        for pair in tokens.windows(2) {
+            let logits = self.forward(state, pair[0])?;
+            if pair[1] as usize >= logits.len() {
+                return Err(Error::TokenOutOfRange { token: pair[1] as i64, vocab_size: logits.len() });
+            }
+            losses.push(negative_log_likelihood(logits, pair[1] as usize));
+        }
+        Ok(losses)
+    }
+}
+
+/// `logsumexp(logits) - logits[target]`, summed in f64.
+fn negative_log_likelihood(logits: &[f32], target: usize) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    (max + sum.ln() - logits[target] as f64) as f32
+}
