@@ -22,7 +22,9 @@ fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<i8> {
     let mut state = seed;
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % 255) as i8
         })
         .collect()
@@ -33,7 +35,10 @@ fn matvec(c: &mut Criterion) {
     for &(model, name, rows, cols) in SHAPES {
         let w_q = pseudo_random_bytes(rows * cols, 1);
         let w_scales = vec![0.01f32; rows * cols / gs];
-        let x: Vec<f32> = pseudo_random_bytes(cols, 2).iter().map(|&v| v as f32 / 64.0).collect();
+        let x: Vec<f32> = pseudo_random_bytes(cols, 2)
+            .iter()
+            .map(|&v| v as f32 / 64.0)
+            .collect();
         let mut xq = QuantizedVec::with_capacity(cols, gs);
         xq.quantize_from(&x);
         let mut out = vec![0.0f32; rows];
@@ -41,7 +46,14 @@ fn matvec(c: &mut Criterion) {
         group.throughput(Throughput::Bytes((rows * cols) as u64));
         for path in KernelPath::supported() {
             group.bench_function(path.name(), |b| {
-                b.iter(|| path.matvec_q8(black_box(&mut out), black_box(&w_q), &w_scales, black_box(&xq)))
+                b.iter(|| {
+                    path.matvec_q8(
+                        black_box(&mut out),
+                        black_box(&w_q),
+                        &w_scales,
+                        black_box(&xq),
+                    )
+                })
             });
         }
         group.finish();

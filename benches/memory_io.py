@@ -30,8 +30,14 @@ from typing import Callable
 from llama2rnn import Model, checkpoint
 
 CONFIG = checkpoint.Config(
-    dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000,
-    seq_len=256, mem_len=128,
+    dim=288,
+    hidden_dim=768,
+    n_layers=6,
+    n_heads=6,
+    n_kv_heads=6,
+    vocab_size=32000,
+    seq_len=256,
+    mem_len=128,
 )
 # Positions to measure: the start, then chunk positions 1, M/2 and M-1 after one chunk.
 POSITIONS = (0, CONFIG.mem_len + 1, CONFIG.mem_len + CONFIG.mem_len // 2, 2 * CONFIG.mem_len - 1)

@@ -19,7 +19,12 @@ use crate::memory_file::{self, SessionInfo};
 use crate::model::{Options, State, Transformer, UpdateMode};
 use crate::sampler::Sampler;
 
-create_exception!(_llama2rnn, CheckpointError, PyValueError, "A checkpoint file is invalid.");
+create_exception!(
+    _llama2rnn,
+    CheckpointError,
+    PyValueError,
+    "A checkpoint file is invalid."
+);
 create_exception!(
     _llama2rnn,
     ContextFullError,
@@ -53,7 +58,9 @@ fn to_py(err: Error) -> PyErr {
             }
         }
         Error::OutOfMemory { .. } => PyMemoryError::new_err(message),
-        Error::InvalidHeader { .. } | Error::InvalidLayout { .. } => CheckpointError::new_err(message),
+        Error::InvalidHeader { .. } | Error::InvalidLayout { .. } => {
+            CheckpointError::new_err(message)
+        }
         Error::ContextFull { .. } => ContextFullError::new_err(message),
         Error::NonFiniteLogits { .. } => NonFiniteLogitsError::new_err(message),
         Error::InvalidMemory(_) => MemoryFileError::new_err(message),
@@ -107,7 +114,12 @@ impl Engine {
             let model = Transformer::open(&path, &options)?;
             let state = model.new_state()?;
             let sampler = Sampler::new(model.config().vocab_size, 0.0, 1.0, 0)?;
-            Ok(Engine { model, state, sampler, path })
+            Ok(Engine {
+                model,
+                state,
+                sampler,
+                path,
+            })
         })
         .map_err(to_py)
     }
@@ -179,7 +191,8 @@ impl Engine {
     fn forward<'py>(&mut self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let token = self.check_token(token)?;
         let Engine { model, state, .. } = self;
-        py.detach(|| model.forward(state, token).map(|_| ())).map_err(to_py)?;
+        py.detach(|| model.forward(state, token).map(|_| ()))
+            .map_err(to_py)?;
         Ok(PyArray1::from_slice(py, self.state.logits()))
     }
 
@@ -192,15 +205,25 @@ impl Engine {
     /// logits are kept for `sample`. A plain model rejects tokens past seq_len before
     /// feeding any.
     fn feed(&mut self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
-        let tokens = tokens.into_iter().map(|t| self.check_token(t)).collect::<PyResult<Vec<_>>>()?;
+        let tokens = tokens
+            .into_iter()
+            .map(|t| self.check_token(t))
+            .collect::<PyResult<Vec<_>>>()?;
         let Engine { model, state, .. } = self;
         py.detach(|| model.feed(state, &tokens)).map_err(to_py)
     }
 
     /// Feeds all tokens but the last, one at a time, and returns the negative log-likelihood
     /// (nats) of each token after the first given what came before it.
-    fn score<'py>(&mut self, py: Python<'py>, tokens: Vec<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let tokens = tokens.into_iter().map(|t| self.check_token(t)).collect::<PyResult<Vec<_>>>()?;
+    fn score<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokens: Vec<i64>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let tokens = tokens
+            .into_iter()
+            .map(|t| self.check_token(t))
+            .collect::<PyResult<Vec<_>>>()?;
         let Engine { model, state, .. } = self;
         let losses = py.detach(|| model.score(state, &tokens)).map_err(to_py)?;
         Ok(PyArray1::from_vec(py, losses))
@@ -209,7 +232,9 @@ impl Engine {
     /// Samples the next token from the logits of the last token fed.
     fn sample(&mut self) -> PyResult<u32> {
         if self.state.position == 0 {
-            return Err(PyValueError::new_err("no token has been fed yet: feed a prompt first"));
+            return Err(PyValueError::new_err(
+                "no token has been fed yet: feed a prompt first",
+            ));
         }
         self.sampler.sample(self.state.logits()).map_err(to_py)
     }
@@ -249,7 +274,11 @@ impl Engine {
         last_token: Option<u32>,
         saved_unix_ms: u64,
     ) -> Bound<'py, PyBytes> {
-        let info = SessionInfo { rng_state: self.sampler.rng_state(), last_token, saved_unix_ms };
+        let info = SessionInfo {
+            rng_state: self.sampler.rng_state(),
+            last_token,
+            saved_unix_ms,
+        };
         let bytes = py.detach(|| memory_file::encode(&self.model, &self.state, &info));
         PyBytes::new(py, &bytes)
     }
@@ -258,8 +287,15 @@ impl Engine {
     /// MemoryFileError, leaving the current state as it was, for a corrupt file or one made
     /// by another model.
     fn load_state(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<Option<u32>> {
-        let Engine { model, state, sampler, .. } = self;
-        let info = py.detach(|| memory_file::decode(model, state, data)).map_err(to_py)?;
+        let Engine {
+            model,
+            state,
+            sampler,
+            ..
+        } = self;
+        let info = py
+            .detach(|| memory_file::decode(model, state, data))
+            .map_err(to_py)?;
         sampler.set_rng_state(info.rng_state);
         Ok(info.last_token)
     }
@@ -285,7 +321,16 @@ impl Engine {
 #[pyfunction]
 fn read_memory_header<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyDict>> {
     let h = memory_file::read_header(data).map_err(to_py)?;
-    let names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "mem_len"];
+    let names = [
+        "dim",
+        "hidden_dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "vocab_size",
+        "seq_len",
+        "mem_len",
+    ];
     let config = PyDict::new(py);
     for (name, value) in names.iter().zip(h.config) {
         config.set_item(*name, value)?;
@@ -306,7 +351,10 @@ fn read_memory_header<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, 
 /// Names of the kernel paths this CPU supports, portable first.
 #[pyfunction]
 fn supported_kernels() -> Vec<&'static str> {
-    KernelPath::supported().into_iter().map(KernelPath::name).collect()
+    KernelPath::supported()
+        .into_iter()
+        .map(KernelPath::name)
+        .collect()
 }
 
 /// The kernel path picked when none is forced.
@@ -324,6 +372,9 @@ fn _llama2rnn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ContextFullError", m.py().get_type::<ContextFullError>())?;
     m.add_function(wrap_pyfunction!(read_memory_header, m)?)?;
     m.add("MemoryFileError", m.py().get_type::<MemoryFileError>())?;
-    m.add("NonFiniteLogitsError", m.py().get_type::<NonFiniteLogitsError>())?;
+    m.add(
+        "NonFiniteLogitsError",
+        m.py().get_type::<NonFiniteLogitsError>(),
+    )?;
     Ok(())
 }

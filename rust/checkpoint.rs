@@ -48,9 +48,14 @@ impl Format {
     }
 
     pub fn from_name(name: &str) -> Option<Format> {
-        [Format::Llama2Rnn, Format::Llama2cV2, Format::Llama2cV1, Format::Llama2cV0]
-            .into_iter()
-            .find(|f| f.name() == name)
+        [
+            Format::Llama2Rnn,
+            Format::Llama2cV2,
+            Format::Llama2cV1,
+            Format::Llama2cV0,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
     }
 
     pub fn is_quantized(self) -> bool {
@@ -71,8 +76,15 @@ impl Format {
 /// `len` counts elements.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Region {
-    F32 { offset: u64, len: usize },
-    Q8 { offset: u64, len: usize, scales_offset: u64 },
+    F32 {
+        offset: u64,
+        len: usize,
+    },
+    Q8 {
+        offset: u64,
+        len: usize,
+        scales_offset: u64,
+    },
 }
 
 /// The regions of one tensor in every layer: they follow each other at a fixed stride, so
@@ -87,10 +99,19 @@ impl PerLayer {
     pub fn at(&self, layer: usize) -> Region {
         let shift = self.stride * layer as u64;
         match self.first {
-            Region::F32 { offset, len } => Region::F32 { offset: offset + shift, len },
-            Region::Q8 { offset, len, scales_offset } => {
-                Region::Q8 { offset: offset + shift, len, scales_offset: scales_offset + shift }
-            }
+            Region::F32 { offset, len } => Region::F32 {
+                offset: offset + shift,
+                len,
+            },
+            Region::Q8 {
+                offset,
+                len,
+                scales_offset,
+            } => Region::Q8 {
+                offset: offset + shift,
+                len,
+                scales_offset: scales_offset + shift,
+            },
         }
     }
 }
@@ -144,7 +165,9 @@ pub fn read_header(path: &Path, expected: Option<Format>) -> Result<Header> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut bytes = Vec::with_capacity(HEADER_BYTES as usize);
-    file.take(HEADER_BYTES).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    file.take(HEADER_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
     let header = parse_header(path, &bytes, file_len)?;
     if let Some(expected) = expected {
         if expected != header.format {
@@ -166,7 +189,9 @@ fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header> {
     if file_len < 28 {
         return Err(Error::InvalidLayout {
             path: path.into(),
-            message: format!("the file is {file_len} bytes long, too short for any checkpoint header"),
+            message: format!(
+                "the file is {file_len} bytes long, too short for any checkpoint header"
+            ),
         });
     }
     let magic = reader.u32(0)?;
@@ -179,10 +204,20 @@ fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header> {
             let config = reader.config(8, false, 36)?;
             let layout = plan(path, Format::Llama2cV1, &config, None)?;
             check_len(path, Format::Llama2cV1, &layout, file_len)?;
-            Ok(Header { format: Format::Llama2cV1, config, group_size: None, layout })
+            Ok(Header {
+                format: Format::Llama2cV1,
+                config,
+                group_size: None,
+                layout,
+            })
         }
         2 => parse_version2(path, &reader, file_len),
-        _ => Err(invalid(path, "version", version, "1 or 2 (llama2.c) or 2 (Llama2RNN)")),
+        _ => Err(invalid(
+            path,
+            "version",
+            version,
+            "1 or 2 (llama2.c) or 2 (Llama2RNN)",
+        )),
     }
 }
 
@@ -202,14 +237,23 @@ fn parse_version2(path: &Path, reader: &HeaderReader, file_len: u64) -> Result<H
     for (format, parsed) in [(Format::Llama2Rnn, memory), (Format::Llama2cV2, plain)] {
         match parsed {
             Ok((config, gs, layout)) if layout.file_len == file_len => {
-                return Ok(Header { format, config, group_size: Some(gs), layout });
+                return Ok(Header {
+                    format,
+                    config,
+                    group_size: Some(gs),
+                    layout,
+                });
             }
             Ok((_, _, layout)) => errors.push(format!(
                 "as {} it would be {} bytes",
                 format.describe(),
                 layout.file_len
             )),
-            Err(e) => errors.push(format!("as {}: {}", format.describe(), strip_path(&e, path))),
+            Err(e) => errors.push(format!(
+                "as {}: {}",
+                format.describe(),
+                strip_path(&e, path)
+            )),
         }
     }
     Err(Error::InvalidLayout {
@@ -227,7 +271,12 @@ fn parse_legacy(path: &Path, reader: &HeaderReader, magic: u32, file_len: u64) -
     let legacy = reader.config(0, false, usize::MAX).and_then(|config| {
         let layout = plan(path, Format::Llama2cV0, &config, None)?;
         check_len(path, Format::Llama2cV0, &layout, file_len)?;
-        Ok(Header { format: Format::Llama2cV0, config, group_size: None, layout })
+        Ok(Header {
+            format: Format::Llama2cV0,
+            config,
+            group_size: None,
+            layout,
+        })
     });
     legacy.map_err(|e| Error::InvalidLayout {
         path: path.into(),
@@ -243,7 +292,11 @@ fn check_len(path: &Path, format: Format, layout: &Layout, file_len: u64) -> Res
     if layout.file_len == file_len {
         return Ok(());
     }
-    let what = if file_len < layout.file_len { "truncated" } else { "longer than its header implies" };
+    let what = if file_len < layout.file_len {
+        "truncated"
+    } else {
+        "longer than its header implies"
+    };
     Err(Error::InvalidLayout {
         path: path.into(),
         message: format!(
@@ -258,7 +311,9 @@ fn check_len(path: &Path, format: Format, layout: &Layout, file_len: u64) -> Res
 fn strip_path(e: &Error, path: &Path) -> String {
     let text = e.to_string();
     let prefix = format!("invalid checkpoint {}: ", path.display());
-    text.strip_prefix(&prefix).map(str::to_owned).unwrap_or(text)
+    text.strip_prefix(&prefix)
+        .map(str::to_owned)
+        .unwrap_or(text)
 }
 
 fn invalid(path: &Path, field: &'static str, value: impl ToString, expected: &str) -> Error {
@@ -310,7 +365,15 @@ impl HeaderReader<'_> {
     /// shared-classifier flag byte at `flag_offset` (`usize::MAX` for version 0, where the
     /// sign of vocab_size carries it).
     fn config(&self, offset: usize, with_mem_len: bool, flag_offset: usize) -> Result<Config> {
-        let names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"];
+        let names = [
+            "dim",
+            "hidden_dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "seq_len",
+        ];
         let mut raw = [0i32; 8];
         for (i, name) in names.iter().enumerate() {
             raw[i] = self.field(offset + 4 * i, name)?;
@@ -321,7 +384,12 @@ impl HeaderReader<'_> {
         let shared_classifier = if flag_offset == usize::MAX {
             let shared = raw[5] > 0;
             raw[5] = raw[5].checked_abs().ok_or_else(|| {
-                invalid(self.path, "vocab_size", raw[5], "a nonzero integer (negative marks a separate classifier)")
+                invalid(
+                    self.path,
+                    "vocab_size",
+                    raw[5],
+                    "a nonzero integer (negative marks a separate classifier)",
+                )
             })?;
             shared
         } else {
@@ -341,7 +409,11 @@ impl HeaderReader<'_> {
             n_kv_heads: positive(p, "n_kv_heads", raw[4])?,
             vocab_size: positive(p, "vocab_size", raw[5])?,
             seq_len: positive(p, "seq_len", raw[6])?,
-            mem_len: if with_mem_len { positive(p, "mem_len", raw[7])? } else { 0 },
+            mem_len: if with_mem_len {
+                positive(p, "mem_len", raw[7])?
+            } else {
+                0
+            },
             shared_classifier,
         };
         validate(p, &config)?;
@@ -360,14 +432,22 @@ fn positive(path: &Path, field: &'static str, value: i32) -> Result<usize> {
 /// Checks the relations between config fields that the forward pass relies on.
 pub fn validate(path: &Path, c: &Config) -> Result<()> {
     if c.dim % c.n_heads != 0 {
-        return Err(invalid(path, "n_heads", c.n_heads, &format!("a divisor of dim {}", c.dim)));
+        return Err(invalid(
+            path,
+            "n_heads",
+            c.n_heads,
+            &format!("a divisor of dim {}", c.dim),
+        ));
     }
     if c.head_size() % 2 != 0 {
         return Err(invalid(
             path,
             "n_heads",
             c.n_heads,
-            &format!("a value that makes head_size = dim / n_heads even for RoPE (dim {})", c.dim),
+            &format!(
+                "a value that makes head_size = dim / n_heads even for RoPE (dim {})",
+                c.dim
+            ),
         ));
     }
     if c.n_heads % c.n_kv_heads != 0 {
@@ -414,7 +494,9 @@ impl Cursor<'_> {
     }
 
     fn count(&self, dims: &[usize]) -> Result<usize> {
-        dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| self.overflow())
+        dims.iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| self.overflow())
     }
 
     fn advance(&mut self, bytes: usize) -> Result<u64> {
@@ -429,15 +511,24 @@ impl Cursor<'_> {
     fn f32s(&mut self, dims: &[usize]) -> Result<Region> {
         let len = self.count(dims)?;
         let bytes = len.checked_mul(4).ok_or_else(|| self.overflow())?;
-        Ok(Region::F32 { offset: self.advance(bytes)?, len })
+        Ok(Region::F32 {
+            offset: self.advance(bytes)?,
+            len,
+        })
     }
 
     fn q8(&mut self, dims: &[usize]) -> Result<Region> {
         let len = self.count(dims)?;
         let offset = self.advance(len)?;
-        let scales = (len / self.group_size).checked_mul(4).ok_or_else(|| self.overflow())?;
+        let scales = (len / self.group_size)
+            .checked_mul(4)
+            .ok_or_else(|| self.overflow())?;
         let scales_offset = self.advance(scales)?;
-        Ok(Region::Q8 { offset, len, scales_offset })
+        Ok(Region::Q8 {
+            offset,
+            len,
+            scales_offset,
+        })
     }
 
     fn tensor(&mut self, quantized: bool, dims: &[usize]) -> Result<Region> {
@@ -452,8 +543,13 @@ impl Cursor<'_> {
         let start = self.offset;
         let first = self.tensor(quantized, dims)?;
         let stride = self.offset - start;
-        let rest = stride.checked_mul(layers as u64 - 1).ok_or_else(|| self.overflow())?;
-        self.offset = self.offset.checked_add(rest).ok_or_else(|| self.overflow())?;
+        let rest = stride
+            .checked_mul(layers as u64 - 1)
+            .ok_or_else(|| self.overflow())?;
+        self.offset = self
+            .offset
+            .checked_add(rest)
+            .ok_or_else(|| self.overflow())?;
         Ok(PerLayer { first, stride })
     }
 }
@@ -467,8 +563,13 @@ pub(crate) fn plan(path: &Path, format: Format, c: &Config, gs: Option<usize>) -
         Format::Llama2cV0 => 28,
         _ => HEADER_BYTES,
     };
-    let mut cur = Cursor { path, offset: start, group_size: gs.unwrap_or(1) };
-    let (l, dim, hidden, kv_dim, vocab) = (c.n_layers, c.dim, c.hidden_dim, c.kv_dim(), c.vocab_size);
+    let mut cur = Cursor {
+        path,
+        offset: start,
+        group_size: gs.unwrap_or(1),
+    };
+    let (l, dim, hidden, kv_dim, vocab) =
+        (c.n_layers, c.dim, c.hidden_dim, c.kv_dim(), c.vocab_size);
     let q = format.is_quantized();
 
     if format == Format::Llama2cV0 {
@@ -484,10 +585,26 @@ pub(crate) fn plan(path: &Path, format: Format, c: &Config, gs: Option<usize>) -
         let w3 = cur.per_layer(false, l, &[hidden, dim])?;
         let rms_final = cur.f32s(&[dim])?;
         cur.f32s(&[c.seq_len, c.head_size() / 2, 2])?; // freq_cis_real and freq_cis_imag, unused
-        let wcls = if c.shared_classifier { None } else { Some(cur.f32s(&[vocab, dim])?) };
+        let wcls = if c.shared_classifier {
+            None
+        } else {
+            Some(cur.f32s(&[vocab, dim])?)
+        };
         return Ok(Layout {
-            rms_att, rms_ffn, rms_final, embedding, wq, wk, wv, wo, w1, w2, w3,
-            memory: None, wcls, file_len: cur.offset,
+            rms_att,
+            rms_ffn,
+            rms_final,
+            embedding,
+            wq,
+            wk,
+            wv,
+            wo,
+            w1,
+            w2,
+            w3,
+            memory: None,
+            wcls,
+            file_len: cur.offset,
         });
     }
 
@@ -521,9 +638,25 @@ pub(crate) fn plan(path: &Path, format: Format, c: &Config, gs: Option<usize>) -
         }),
         None => None,
     };
-    let wcls = if c.shared_classifier { None } else { Some(cur.tensor(q, &[vocab, dim])?) };
+    let wcls = if c.shared_classifier {
+        None
+    } else {
+        Some(cur.tensor(q, &[vocab, dim])?)
+    };
     Ok(Layout {
-        rms_att, rms_ffn, rms_final, embedding, wq, wk, wv, wo, w1, w2, w3,
-        memory, wcls, file_len: cur.offset,
+        rms_att,
+        rms_ffn,
+        rms_final,
+        embedding,
+        wq,
+        wk,
+        wv,
+        wo,
+        w1,
+        w2,
+        w3,
+        memory,
+        wcls,
+        file_len: cur.offset,
     })
 }

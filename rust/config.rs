@@ -47,7 +47,11 @@ impl Config {
 
     /// Number of weights, counting a shared classifier once.
     pub fn parameter_count(&self) -> u64 {
-        let (dim, hidden, layers) = (self.dim as u64, self.hidden_dim as u64, self.n_layers as u64);
+        let (dim, hidden, layers) = (
+            self.dim as u64,
+            self.hidden_dim as u64,
+            self.n_layers as u64,
+        );
         let kv_dim = self.kv_dim() as u64;
         let vocab = self.vocab_size as u64;
         let attention = 2 * dim * dim + 2 * dim * kv_dim;

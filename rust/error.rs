@@ -53,7 +53,11 @@ pub enum Error {
         "cannot allocate {what}: {bytes} bytes; the checkpoint's {field} is too large for \
          this machine's memory"
     )]
-    OutOfMemory { what: &'static str, field: &'static str, bytes: u128 },
+    OutOfMemory {
+        what: &'static str,
+        field: &'static str,
+        bytes: u128,
+    },
 
     /// A setting given by the caller is out of range; the message names it.
     #[error("{0}")]
@@ -64,6 +68,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -57,7 +57,12 @@ pub struct MemoryHeader {
     pub info: SessionInfo,
 }
 
-const FORMATS: [Format; 4] = [Format::Llama2Rnn, Format::Llama2cV2, Format::Llama2cV1, Format::Llama2cV0];
+const FORMATS: [Format; 4] = [
+    Format::Llama2Rnn,
+    Format::Llama2cV2,
+    Format::Llama2cV1,
+    Format::Llama2cV0,
+];
 
 fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidMemory(message.into())
@@ -77,14 +82,27 @@ fn stored_rows(model: &Transformer, state: &State) -> usize {
 pub fn encode(model: &Transformer, state: &State, info: &SessionInfo) -> Vec<u8> {
     let c = *model.config();
     let rows = stored_rows(model, state);
-    let mut out = Vec::with_capacity(HEADER_BYTES + 4 * (state.mem.len() + 2 * state.key_cache.len()));
+    let mut out =
+        Vec::with_capacity(HEADER_BYTES + 4 * (state.mem.len() + 2 * state.key_cache.len()));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
-    for v in [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.mem_len] {
+    for v in [
+        c.dim,
+        c.hidden_dim,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.vocab_size,
+        c.seq_len,
+        c.mem_len,
+    ] {
         out.extend_from_slice(&(v as u32).to_le_bytes());
     }
-    let format_code = FORMATS.iter().position(|&f| f == model.weights.format).unwrap_or(0) as u8;
+    let format_code = FORMATS
+        .iter()
+        .position(|&f| f == model.weights.format)
+        .unwrap_or(0) as u8;
     let mode_code = (model.mode == UpdateMode::Token) as u8;
     out.extend_from_slice(&[c.shared_classifier as u8, format_code, mode_code, 0]);
     out.extend_from_slice(&(model.weights.group_size.unwrap_or(0) as u32).to_le_bytes());
@@ -103,11 +121,18 @@ pub fn encode(model: &Transformer, state: &State, info: &SessionInfo) -> Vec<u8>
         }
     };
     put(&mut out, &state.mem);
-    let window_rows = if c.is_memory_model() { c.mem_len + rows } else { rows };
+    let window_rows = if c.is_memory_model() {
+        c.mem_len + rows
+    } else {
+        rows
+    };
     let layer_len = c.cache_rows() * c.kv_dim();
     for cache in [&state.key_cache, &state.value_cache] {
         for l in 0..c.n_layers {
-            put(&mut out, &cache[l * layer_len..l * layer_len + window_rows * c.kv_dim()]);
+            put(
+                &mut out,
+                &cache[l * layer_len..l * layer_len + window_rows * c.kv_dim()],
+            );
         }
     }
     if state.position > 0 {
@@ -121,10 +146,15 @@ pub fn encode(model: &Transformer, state: &State, info: &SessionInfo) -> Vec<u8>
 /// Parses and checks the header and checksum of a memory file without a model.
 pub fn read_header(bytes: &[u8]) -> Result<MemoryHeader> {
     if bytes.len() < 8 || &bytes[..8] != MAGIC {
-        return Err(invalid("not a llama2rnn memory file (the magic bytes are missing)"));
+        return Err(invalid(
+            "not a llama2rnn memory file (the magic bytes are missing)",
+        ));
     }
     if bytes.len() < HEADER_BYTES + 4 {
-        return Err(invalid(format!("the file is truncated: {} bytes, shorter than a header", bytes.len())));
+        return Err(invalid(format!(
+            "the file is truncated: {} bytes, shorter than a header",
+            bytes.len()
+        )));
     }
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
@@ -138,7 +168,9 @@ pub fn read_header(bytes: &[u8]) -> Result<MemoryHeader> {
     let (body, stored) = bytes.split_at(bytes.len() - 4);
     let stored_crc = u32::from_le_bytes(stored.try_into().expect("4 bytes"));
     if crc32fast::hash(body) != stored_crc {
-        return Err(invalid("checksum mismatch: the file is truncated or corrupt"));
+        return Err(invalid(
+            "checksum mismatch: the file is truncated or corrupt",
+        ));
     }
     let mut config = [0u32; 8];
     for (i, v) in config.iter_mut().enumerate() {
@@ -176,8 +208,22 @@ pub fn read_header(bytes: &[u8]) -> Result<MemoryHeader> {
 pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<SessionInfo> {
     let header = read_header(bytes)?;
     let c = *model.config();
-    let expected = [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.mem_len];
-    if header.config.iter().zip(expected).any(|(&a, b)| a as usize != b) {
+    let expected = [
+        c.dim,
+        c.hidden_dim,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.vocab_size,
+        c.seq_len,
+        c.mem_len,
+    ];
+    if header
+        .config
+        .iter()
+        .zip(expected)
+        .any(|(&a, b)| a as usize != b)
+    {
         return Err(invalid(format!(
             "the memory belongs to a model with config {:?} (dim, hidden_dim, n_layers, n_heads, \
              n_kv_heads, vocab_size, seq_len, mem_len), but this model has {expected:?}",
@@ -206,9 +252,16 @@ pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<Se
         header.position.min(c.seq_len as u64) as usize
     };
     if rows != expected_rows {
-        return Err(invalid(format!("stored rows {rows} do not match position {}", header.position)));
+        return Err(invalid(format!(
+            "stored rows {rows} do not match position {}",
+            header.position
+        )));
     }
-    let window_rows = if c.is_memory_model() { c.mem_len + rows } else { rows };
+    let window_rows = if c.is_memory_model() {
+        c.mem_len + rows
+    } else {
+        rows
+    };
     let logits = if header.position > 0 { c.vocab_size } else { 0 };
     let floats = state.mem.len() + 2 * c.n_layers * window_rows * c.kv_dim() + logits;
     if bytes.len() != HEADER_BYTES + 4 * floats + 4 {
@@ -222,7 +275,10 @@ pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<Se
     let mut values = bytes[HEADER_BYTES..bytes.len() - 4]
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let mut take = |dst: &mut [f32]| dst.iter_mut().for_each(|d| *d = values.next().expect("length checked"));
+    let mut take = |dst: &mut [f32]| {
+        dst.iter_mut()
+            .for_each(|d| *d = values.next().expect("length checked"))
+    };
     take(&mut state.mem);
     let layer_len = c.cache_rows() * c.kv_dim();
     for cache in [&mut state.key_cache, &mut state.value_cache] {
@@ -236,4 +292,3 @@ pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<Se
     state.position = header.position;
     Ok(header.info)
 }
-

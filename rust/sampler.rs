@@ -19,7 +19,11 @@ fn splitmix64(seed: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     let z = z ^ (z >> 31);
-    if z == 0 { 0x2545_f491_4f6c_dd1d } else { z }
+    if z == 0 {
+        0x2545_f491_4f6c_dd1d
+    } else {
+        z
+    }
 }
 
 impl Sampler {
@@ -53,7 +57,6 @@ impl Sampler {
     pub fn top_p(&self) -> f32 {
         self.top_p
     }
-
 
     pub fn reseed(&mut self, seed: u64) {
         self.rng = splitmix64(seed);
@@ -91,17 +94,30 @@ impl Sampler {
         self.probs.clear();
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let inv_t = 1.0 / self.temperature;
-        self.probs.extend(logits.iter().map(|&v| ((v - max) * inv_t).exp()));
+        self.probs
+            .extend(logits.iter().map(|&v| ((v - max) * inv_t).exp()));
         let sum: f32 = self.probs.iter().sum();
         self.probs.iter_mut().for_each(|p| *p /= sum);
 
         let r = self.next_f32();
         if self.top_p >= 1.0 {
-            return Ok(pick(self.probs.iter().copied().enumerate().map(|(i, p)| (i as u32, p)), r, 1.0));
+            return Ok(pick(
+                self.probs
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .map(|(i, p)| (i as u32, p)),
+                r,
+                1.0,
+            ));
         }
         let mass = nucleus(&self.probs, self.top_p, &mut self.candidates);
         let probs = &self.probs;
-        Ok(pick(self.candidates.iter().map(|&i| (i, probs[i as usize])), r, mass))
+        Ok(pick(
+            self.candidates.iter().map(|&i| (i, probs[i as usize])),
+            r,
+            mass,
+        ))
     }
 }
 
@@ -198,7 +214,11 @@ fn nucleus(probs: &[f32], top_p: f32, candidates: &mut Vec<u32>) -> f32 {
 }
 
 fn median_of_three(probs: &[f32], s: &[u32]) -> f32 {
-    let (a, b, c) = (probs[s[0] as usize], probs[s[s.len() / 2] as usize], probs[s[s.len() - 1] as usize]);
+    let (a, b, c) = (
+        probs[s[0] as usize],
+        probs[s[s.len() / 2] as usize],
+        probs[s[s.len() - 1] as usize],
+    );
     a.max(b).min(a.min(b).max(c))
 }
 

@@ -22,7 +22,11 @@ pub struct Matrix {
 #[derive(Clone, Copy)]
 pub enum MatrixData {
     /// Q8_0: `q` holds rows*cols int8 values, `scales` one fp32 per `group_size` values.
-    Q8 { q: &'static [i8], scales: &'static [f32], group_size: usize },
+    Q8 {
+        q: &'static [i8],
+        scales: &'static [f32],
+        group_size: usize,
+    },
     F32(&'static [f32]),
 }
 
@@ -32,7 +36,11 @@ impl Matrix {
         let range = row * self.cols..(row + 1) * self.cols;
         match self.data {
             MatrixData::F32(w) => out.copy_from_slice(&w[range]),
-            MatrixData::Q8 { q, scales, group_size } => {
+            MatrixData::Q8 {
+                q,
+                scales,
+                group_size,
+            } => {
                 for (i, (o, &v)) in out.iter_mut().zip(&q[range.clone()]).enumerate() {
                     *o = v as f32 * scales[(range.start + i) / group_size];
                 }
@@ -138,8 +146,17 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
 }
 
 fn build(header: Header, map: Mmap, fingerprint: u64) -> Weights {
-    let Header { format, config, group_size, layout } = header;
-    let mut slicer = Slicer { base: map.as_ptr(), owned: Vec::new(), group_size: group_size.unwrap_or(1) };
+    let Header {
+        format,
+        config,
+        group_size,
+        layout,
+    } = header;
+    let mut slicer = Slicer {
+        base: map.as_ptr(),
+        owned: Vec::new(),
+        group_size: group_size.unwrap_or(1),
+    };
     let (dim, hidden, kv_dim) = (config.dim, config.hidden_dim, config.kv_dim());
 
     let mut layers = Vec::with_capacity(config.n_layers);
@@ -205,8 +222,10 @@ impl Slicer {
         }
         // SAFETY: in bounds (above); read as bytes, so alignment does not matter.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len * 4) };
-        let values: Box<[f32]> =
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values: Box<[f32]> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         // SAFETY: the box is kept in `owned` for the lifetime of the weights and never moved
         // out; moving the Box itself does not move its heap allocation.
         let slice = unsafe { std::slice::from_raw_parts(values.as_ptr(), len) };
@@ -224,13 +243,21 @@ impl Slicer {
     fn matrix(&mut self, region: Region, rows: usize, cols: usize) -> Matrix {
         let data = match region {
             Region::F32 { offset, len } => MatrixData::F32(self.f32_at(offset, len)),
-            Region::Q8 { offset, len, scales_offset } => {
+            Region::Q8 {
+                offset,
+                len,
+                scales_offset,
+            } => {
                 // SAFETY: in bounds as above; i8 has alignment 1.
                 let q = unsafe {
                     std::slice::from_raw_parts(self.base.add(offset as usize) as *const i8, len)
                 };
                 let scales = self.f32_at(scales_offset, len / self.group_size);
-                MatrixData::Q8 { q, scales, group_size: self.group_size }
+                MatrixData::Q8 {
+                    q,
+                    scales,
+                    group_size: self.group_size,
+                }
             }
         };
         Matrix { rows, cols, data }

@@ -169,8 +169,13 @@ def spawn_chat(model_path: Path, *args: str):
     env = dict(os.environ, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     command = ["-m", "llama2rnn", "chat", "--model", str(model_path), "--threads", "1", *args]
     return pexpect.spawn(
-        sys.executable, command, env=env, encoding="utf-8", codec_errors="replace",
-        timeout=TIMEOUT, dimensions=(40, 200),
+        sys.executable,
+        command,
+        env=env,
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=TIMEOUT,
+        dimensions=(40, 200),
     )
 
 
@@ -477,9 +482,10 @@ def test_terminal_context_full_continues(plain_model):
 
 def test_locked_memory_names_holder(random_model, data_home):
     holder = subprocess.Popen(
-        [sys.executable, "-m", "llama2rnn", "chat", "--model", str(random_model),
-         "--threads", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "llama2rnn", "chat", "--model", str(random_model), "--threads", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         location = memory_store.locate("model")
@@ -603,9 +609,21 @@ def test_piped_max_tokens_closes_turn(hello_model):
 def test_piped_interrupt_closes_turn(random_model):
     tok = llama2rnn.load_tokenizer(random_model.parent / "tokenizer.bin")
     chat = subprocess.Popen(
-        [sys.executable, "-m", "llama2rnn", "chat", "--model", str(random_model),
-         "--threads", "1", "--max-tokens", "1000000"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "llama2rnn",
+            "chat",
+            "--model",
+            str(random_model),
+            "--threads",
+            "1",
+            "--max-tokens",
+            "1000000",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         chat.stdin.write(b"tell me a very long story\n")

@@ -585,8 +585,12 @@ HUGE_CASES = {
     # The file size of a plain model does not depend on seq_len, so these headers are
     # consistent. The engine must still refuse the key/value cache they imply, with a
     # MemoryError that names seq_len instead of aborting the process.
-    "plain-q8-seq-len-max": HugeCase("llama2c-v2", {"seq_len": I32_MAX}, ("seq_len",), ("MemoryError",)),
-    "fp32-seq-len-max": HugeCase("llama2c-v1", {"seq_len": I32_MAX}, ("seq_len",), ("MemoryError",)),
+    "plain-q8-seq-len-max": HugeCase(
+        "llama2c-v2", {"seq_len": I32_MAX}, ("seq_len",), ("MemoryError",)
+    ),
+    "fp32-seq-len-max": HugeCase(
+        "llama2c-v1", {"seq_len": I32_MAX}, ("seq_len",), ("MemoryError",)
+    ),
     "legacy-seq-len-max": HugeCase("llama2c-v0", {"seq_len": I32_MAX}, ("bytes for this config",)),
 }
 

@@ -22,10 +22,30 @@ Config = checkpoint.Config
 MEDIAN_TOLERANCE = 1e-5
 MAX_TOLERANCE = 5e-2
 
-SMALL = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, seq_len=64, mem_len=4)
+SMALL = Config(
+    dim=64,
+    hidden_dim=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    vocab_size=97,
+    seq_len=64,
+    mem_len=4,
+)
 # GQA and sizes that reach odd corners: head_size 8, 6 query heads on 2 kv heads, M 5.
-ODD_GQA = Config(dim=48, hidden_dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=61, seq_len=32, mem_len=5)
-VANILLA = Config(dim=64, hidden_dim=160, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=83, seq_len=24, mem_len=0)
+ODD_GQA = Config(
+    dim=48, hidden_dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=61, seq_len=32, mem_len=5
+)
+VANILLA = Config(
+    dim=64,
+    hidden_dim=160,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=4,
+    vocab_size=83,
+    seq_len=24,
+    mem_len=0,
+)
 
 WRITERS = {
     "llama2rnn": checkpoint.write_llama2rnn,
@@ -35,7 +55,9 @@ WRITERS = {
 }
 
 
-def write_random(tmp_path: Path, fmt: str, config: Config, *, seed: int = 0, shared: bool = True) -> Path:
+def write_random(
+    tmp_path: Path, fmt: str, config: Config, *, seed: int = 0, shared: bool = True
+) -> Path:
     path = tmp_path / f"{fmt}-{seed}.bin"
     weights = checkpoint.random_weights(config, seed=seed, shared_classifier=shared)
     WRITERS[fmt](path, config, weights)
@@ -68,7 +90,9 @@ def assert_logits_close(model: Model, ref: ReferenceModel, tokens: list[int]) ->
         errors.append(float(np.abs(got - expected).max()) / scale)
         assert errors[-1] < MAX_TOLERANCE, f"token {i}: relative error {errors[-1]:.2e}"
     median = float(np.median(errors))
-    assert median < MEDIAN_TOLERANCE, f"median relative error {median:.2e} over {len(tokens)} tokens"
+    assert median < MEDIAN_TOLERANCE, (
+        f"median relative error {median:.2e} over {len(tokens)} tokens"
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,7 +121,9 @@ def test_vanilla_model_matches_reference(tmp_path, fmt, shared):
     path = write_random(tmp_path, fmt, VANILLA, shared=shared)
     model = Model.load(path, threads=1)
     assert model.format == fmt
-    assert_logits_close(model, reference_for(path), token_stream(VANILLA.seq_len, VANILLA.vocab_size))
+    assert_logits_close(
+        model, reference_for(path), token_stream(VANILLA.seq_len, VANILLA.vocab_size)
+    )
 
 
 def test_vanilla_model_stops_at_seq_len(tmp_path):
@@ -128,16 +154,29 @@ def run_tokens(model: Model, tokens: list[int]) -> np.ndarray:
 
 def test_kernel_paths_and_threads_agree_exactly(tmp_path):
     # group size 64 takes the 64-byte SIMD loops; 32 the 32-byte ones.
-    config = Config(dim=128, hidden_dim=384, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64, mem_len=8)
+    config = Config(
+        dim=128,
+        hidden_dim=384,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=300,
+        seq_len=64,
+        mem_len=8,
+    )
     for group_size in (64, 32):
         path = tmp_path / f"gs{group_size}.bin"
-        checkpoint.write_llama2rnn(path, config, checkpoint.random_weights(config, seed=3), group_size=group_size)
+        checkpoint.write_llama2rnn(
+            path, config, checkpoint.random_weights(config, seed=3), group_size=group_size
+        )
         tokens = token_stream(20, config.vocab_size)
         expected = run_tokens(Model.load(path, threads=1, kernel="generic"), tokens)
         for kernel in llama2rnn.supported_kernels():
             for threads in (1, 2, 3):
                 got = run_tokens(Model.load(path, threads=threads, kernel=kernel), tokens)
-                assert np.array_equal(got, expected), f"{kernel} with {threads} threads, gs {group_size}"
+                assert np.array_equal(got, expected), (
+                    f"{kernel} with {threads} threads, gs {group_size}"
+                )
 
 
 def test_reset_restores_initial_state(tmp_path):
@@ -197,4 +236,3 @@ def test_batched_feed_matches_token_by_token(tmp_path, fmt, config, mode, thread
     assert np.array_equal(batched.engine.logits(), expected[n - 1])
     following = run_tokens(batched, tokens[n:])
     assert np.array_equal(following, expected[n:])
-

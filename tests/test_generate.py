@@ -179,8 +179,16 @@ def test_top_p_one_samples_whole_vocabulary(load, memory_checkpoint):
         ({"seed": -1}, "seed -1 is invalid"),
         ({"seed": 2**64}, f"seed {2**64} is invalid"),
     ],
-    ids=["temperature-negative", "temperature-nan", "temperature-inf", "top-p-negative",
-         "top-p-above-one", "top-p-nan", "seed-negative", "seed-too-large"],
+    ids=[
+        "temperature-negative",
+        "temperature-nan",
+        "temperature-inf",
+        "top-p-negative",
+        "top-p-above-one",
+        "top-p-nan",
+        "seed-negative",
+        "seed-too-large",
+    ],
 )
 def test_invalid_sampling_settings_raise(load, memory_checkpoint, settings, expected):
     model = load(memory_checkpoint)

@@ -26,7 +26,13 @@ from llama2rnn.memory import MemoryInUseError, MemoryWriteError
 Config = checkpoint.Config
 
 SMALL = Config(
-    dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, seq_len=64,
+    dim=64,
+    hidden_dim=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=4,
+    vocab_size=97,
+    seq_len=64,
     mem_len=4,
 )
 # Grouped-query attention: 6 query heads on 2 key/value heads, M 5.
@@ -34,7 +40,13 @@ GQA = Config(
     dim=48, hidden_dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=61, seq_len=32, mem_len=5
 )
 VANILLA = Config(
-    dim=64, hidden_dim=160, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=83, seq_len=24,
+    dim=64,
+    hidden_dim=160,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=4,
+    vocab_size=83,
+    seq_len=24,
     mem_len=0,
 )
 
@@ -168,9 +180,15 @@ def test_resume_in_fresh_process_is_exact(tmp_path, config, mode, sampling):
     first.save_memory("resume")
 
     job = {
-        "checkpoint": str(path), "mode": mode, "memory": "resume", "prompt": [],
-        "steps": steps - half, "temperature": sampling["temperature"],
-        "top_p": sampling["top_p"], "seed": None, "out": str(tmp_path / "out.npz"),
+        "checkpoint": str(path),
+        "mode": mode,
+        "memory": "resume",
+        "prompt": [],
+        "steps": steps - half,
+        "temperature": sampling["temperature"],
+        "top_p": sampling["top_p"],
+        "seed": None,
+        "out": str(tmp_path / "out.npz"),
     }
     [(tokens, logits)] = run_in_fresh_process([job])
     assert tokens == expected_tokens[half:]
@@ -197,9 +215,14 @@ def test_resume_with_new_seed_reseeds(tmp_path):
     run_steps(first, half, SEEDED)
     first.save_memory("resume")
     job = {
-        "checkpoint": str(path), "mode": "chunk", "memory": "resume", "prompt": [],
-        "steps": steps - half, "temperature": SEEDED["temperature"],
-        "top_p": SEEDED["top_p"], "seed": new_seed,
+        "checkpoint": str(path),
+        "mode": "chunk",
+        "memory": "resume",
+        "prompt": [],
+        "steps": steps - half,
+        "temperature": SEEDED["temperature"],
+        "top_p": SEEDED["top_p"],
+        "seed": new_seed,
         "out": str(tmp_path / "out.npz"),
     }
     [(tokens, logits)] = run_in_fresh_process([job])
@@ -240,12 +263,17 @@ def test_resume_at_every_chunk_position(tmp_path, mode):
         jobs.append({"memory": str(memory_file), "prompt": [], "done": done})
 
     for index, job in enumerate(jobs):
-        job.update({
-            "checkpoint": str(path), "mode": mode, "steps": steps - job["done"],
-            "temperature": SEEDED["temperature"], "top_p": SEEDED["top_p"],
-            "seed": SEEDED["seed"] if job["done"] == 0 else None,
-            "out": str(tmp_path / f"out-{index}.npz"),
-        })
+        job.update(
+            {
+                "checkpoint": str(path),
+                "mode": mode,
+                "steps": steps - job["done"],
+                "temperature": SEEDED["temperature"],
+                "top_p": SEEDED["top_p"],
+                "seed": SEEDED["seed"] if job["done"] == 0 else None,
+                "out": str(tmp_path / f"out-{index}.npz"),
+            }
+        )
     results = run_in_fresh_process(jobs)
     for job, (tokens, logits) in zip(jobs, results):
         done = job["done"]
@@ -257,8 +285,14 @@ def test_resume_at_every_chunk_position(tmp_path, mode):
 def test_cli_generate_with_memory_continues_text(tmp_path, chitchat_tokenizer, sampling):
     tokenizer = llama2rnn.load_tokenizer(chitchat_tokenizer.bin_path)
     config = Config(
-        dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
-        vocab_size=tokenizer.vocab_size, seq_len=64, mem_len=8,
+        dim=64,
+        hidden_dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=tokenizer.vocab_size,
+        seq_len=64,
+        mem_len=8,
     )
     path = write_model(tmp_path, config)
     prompts = ["Hi, how are you?", "What did you do today?"]
@@ -269,14 +303,30 @@ def test_cli_generate_with_memory_continues_text(tmp_path, chitchat_tokenizer, s
     expected_second = reference.generate(prompts[1], 10, temperature, top_p)
 
     base = [
-        sys.executable, "-m", "llama2rnn", "generate", "--model", str(path),
-        "--tokenizer", str(chitchat_tokenizer.bin_path), "--threads", "1",
-        "--temperature", str(temperature), "--top-p", str(top_p), "--steps", "10",
-        "--memory", "chat",
+        sys.executable,
+        "-m",
+        "llama2rnn",
+        "generate",
+        "--model",
+        str(path),
+        "--tokenizer",
+        str(chitchat_tokenizer.bin_path),
+        "--threads",
+        "1",
+        "--temperature",
+        str(temperature),
+        "--top-p",
+        str(top_p),
+        "--steps",
+        "10",
+        "--memory",
+        "chat",
     ]
     first = subprocess.run(
         base + ["--prompt", prompts[0], "--seed", str(seed)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert first.returncode == 0, first.stderr
     assert first.stdout == expected_first + "\n"
@@ -322,8 +372,14 @@ def test_restore_rejects_other_model(tmp_path):
 def test_last_token_is_tracked_and_saved(tmp_path, chitchat_tokenizer):
     tokenizer = llama2rnn.load_tokenizer(chitchat_tokenizer.bin_path)
     config = Config(
-        dim=32, hidden_dim=64, n_layers=1, n_heads=4, n_kv_heads=4,
-        vocab_size=tokenizer.vocab_size, seq_len=32, mem_len=4,
+        dim=32,
+        hidden_dim=64,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=tokenizer.vocab_size,
+        seq_len=32,
+        mem_len=4,
     )
     model = Model.load(write_model(tmp_path, config), tokenizer, threads=1)
     assert model.snapshot().last_token is None
@@ -649,7 +705,9 @@ def lock_holder() -> Iterator[Any]:
     def start(name: str) -> subprocess.Popen[str]:
         child = subprocess.Popen(
             [sys.executable, "-c", HOLD_LOCK_SCRIPT, name],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         children.append(child)
         assert child.stdout is not None

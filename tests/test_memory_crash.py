@@ -17,7 +17,13 @@ from llama2rnn import memory as memory_store
 
 # Large enough that a save (230 to 310 KB) takes a noticeable share of the saver's loop.
 CONFIG = checkpoint.Config(
-    dim=128, hidden_dim=256, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=256, seq_len=128,
+    dim=128,
+    hidden_dim=256,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=4,
+    vocab_size=256,
+    seq_len=128,
     mem_len=32,
 )
 FIRST_TOKENS = list(range(10, 50))  # state A: position 40, chunk position 8
@@ -122,4 +128,3 @@ def test_killed_saves_leave_loadable_memory(tmp_path, monkeypatch):
     # If no kill ever hit a save in progress, the test would prove nothing.
     assert kills_leaving_temp > 0, f"no kill out of {iterations} interrupted a save"
     print(f"{iterations} kills: final states {seen}, {kills_leaving_temp} left a temporary file")
-

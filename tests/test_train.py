@@ -127,7 +127,9 @@ def torch_logits(model: Transformer, tokens: list[int]) -> np.ndarray:
     return logits[0].double().numpy()
 
 
-GQA_MEMORY = Config(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, seq_len=32, mem_len=8)
+GQA_MEMORY = Config(
+    dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, seq_len=32, mem_len=8
+)
 
 
 # ----------------------------------------------------------------------------
@@ -136,7 +138,16 @@ GQA_MEMORY = Config(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_memory_model_matches_token_loop(n_kv_heads: int) -> None:
-    cfg = Config(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=61, seq_len=32, mem_len=8)
+    cfg = Config(
+        dim=32,
+        hidden_dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        vocab_size=61,
+        seq_len=32,
+        mem_len=8,
+    )
     weights = random_weights(cfg, seed=n_kv_heads)
     model = model_from_weights(cfg, weights)
     # 3.5 chunks: three memory hand-overs and a final partial chunk.
@@ -147,7 +158,16 @@ def test_memory_model_matches_token_loop(n_kv_heads: int) -> None:
 
 
 def test_baseline_matches_token_loop() -> None:
-    cfg = Config(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, seq_len=24, mem_len=0)
+    cfg = Config(
+        dim=32,
+        hidden_dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=61,
+        seq_len=24,
+        mem_len=0,
+    )
     weights = random_weights(cfg, seed=5)
     model = model_from_weights(cfg, weights)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 24).tolist()
@@ -168,7 +188,16 @@ def test_memory_carries_across_calls() -> None:
 
 
 def test_memory_gradient_reaches_earlier_chunks() -> None:
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=48, seq_len=24, mem_len=8)
+    args = ModelArgs(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=61,
+        hidden_dim=48,
+        seq_len=24,
+        mem_len=8,
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     tokens = torch.randint(0, 61, (2, 24))
@@ -193,7 +222,16 @@ def test_weights_round_trip() -> None:
 
 
 def test_init_scales() -> None:
-    args = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=512, hidden_dim=128, seq_len=64, mem_len=16)
+    args = ModelArgs(
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=512,
+        hidden_dim=128,
+        seq_len=64,
+        mem_len=16,
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     assert model.output.weight is model.tok_embeddings.weight
@@ -283,7 +321,9 @@ def test_prepare_writes_streams_and_index(prepared: Path) -> None:
             assert conversation_tokens.tolist() == expected
     first = data.read_tokens(prepared, "train")[: data.read_index(prepared, "train")[1]].tolist()
     assert first[0] == data.BOS_ID
-    assert first.count(data.BOS_ID) == len(data.conversation_exchanges(conversations[meta["splits"]["train"]["ids"][0]]))
+    assert first.count(data.BOS_ID) == len(
+        data.conversation_exchanges(conversations[meta["splits"]["train"]["ids"][0]])
+    )
     assert sp.decode(first).startswith("[INST] ")
     if HAS_TOKENIZER_MODULE:
         assert (prepared / "tokenizer.bin").exists()
@@ -338,7 +378,9 @@ def test_lr_schedule() -> None:
 
 
 def test_replan_keeps_lr_continuous() -> None:
-    config = trainer.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_minutes=10, eval_interval=100)
+    config = trainer.TrainConfig(
+        lr=1e-3, min_lr=1e-4, warmup_steps=10, max_minutes=10, eval_interval=100
+    )
     planner = trainer.Planner(config, tokens_per_step=1000, eval_seconds=1.0)
     planner.calibrate(step=20, elapsed=60.0, timed_steps=20, timed_seconds=20.0, announce=False)
     assert planner.total_steps is not None
@@ -358,7 +400,9 @@ def test_replan_keeps_lr_continuous() -> None:
 
 def test_train_export_end_to_end(prepared: Path, tmp_path: Path) -> None:
     summary = trainer.train(tiny_config(prepared, tmp_path / "run"))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     train_losses = [r["train_loss"] for r in records if "train_loss" in r]
     val_losses = [r["val_loss"] for r in records if "val_loss" in r]
     assert summary["steps"] == 40
@@ -374,15 +418,28 @@ def test_train_export_end_to_end(prepared: Path, tmp_path: Path) -> None:
 
     fmt, cfg, weights, group_size = read_checkpoint(out)
     assert fmt == "llama2rnn"
-    assert cfg == Config(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=32, mem_len=8)
+    assert cfg == Config(
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        seq_len=32,
+        mem_len=8,
+    )
     assert group_size is not None
     _, original = model_to_weights(model)
     assert sorted(weights) == sorted(original)
     for name, value in original.items():
-        np.testing.assert_allclose(weights[name], value, atol=errors.get(name, 0.0) * 1.01 + 1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            weights[name], value, atol=errors.get(name, 0.0) * 1.01 + 1e-7, err_msg=name
+        )
 
 
-def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_matches_uninterrupted_run(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     saved: dict[int, Path] = {}
     original_save = trainer.save_checkpoint
 
@@ -412,7 +469,9 @@ def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, monkey
 def test_time_budget_fits_schedule(prepared: Path, tmp_path: Path) -> None:
     budget_minutes = 0.1
     summary = trainer.train(
-        tiny_config(prepared, tmp_path / "budget", max_steps=0, max_minutes=budget_minutes, eval_interval=50)
+        tiny_config(
+            prepared, tmp_path / "budget", max_steps=0, max_minutes=budget_minutes, eval_interval=50
+        )
     )
     state = trainer.load_checkpoint(tmp_path / "budget" / "ckpt.pt")
     assert state["total_steps"] is not None
@@ -461,7 +520,16 @@ def quantize_linear_inputs(model: Transformer, group_size: int) -> None:
 
 @pytest.mark.skipif(not HAS_ENGINE, reason="the Rust extension llama2rnn._llama2rnn is not built")
 def test_engine_matches_torch_memory_model(tmp_path: Path) -> None:
-    cfg = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, seq_len=64, mem_len=8)
+    cfg = Config(
+        dim=64,
+        hidden_dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=97,
+        seq_len=64,
+        mem_len=8,
+    )
     path = tmp_path / "memory.bin"
     write_llama2rnn(path, cfg, random_weights(cfg, seed=11))
     _, read_cfg, dequantized, group_size = read_checkpoint(path)
@@ -481,12 +549,23 @@ def test_engine_matches_torch_memory_model(tmp_path: Path) -> None:
     # tolerance leaves room for an input that lands on a rounding boundary on one side only.
     quantize_linear_inputs(model, group_size)
     expected_rounded = torch_logits(model, tokens)
-    np.testing.assert_allclose(actual, expected_rounded, rtol=0, atol=2e-3 * np.abs(expected_rounded).max())
+    np.testing.assert_allclose(
+        actual, expected_rounded, rtol=0, atol=2e-3 * np.abs(expected_rounded).max()
+    )
 
 
 @pytest.mark.skipif(not HAS_ENGINE, reason="the Rust extension llama2rnn._llama2rnn is not built")
 def test_engine_matches_torch_baseline_fp32(tmp_path: Path) -> None:
-    cfg = Config(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, seq_len=40, mem_len=0)
+    cfg = Config(
+        dim=64,
+        hidden_dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=97,
+        seq_len=40,
+        mem_len=0,
+    )
     weights = random_weights(cfg, seed=12)
     path = tmp_path / "plain.bin"
     write_llama2c_v1(path, cfg, weights)

@@ -27,7 +27,11 @@ HELP = """Commands:
 Enter sends the message; Alt-Enter (or Esc, Enter) starts a new line. Ctrl-C stops an answer."""
 
 
-def add_chat_commands(commands: argparse._SubParsersAction, add_model_options: Callable, add_sampling_options: Callable) -> None:
+def add_chat_commands(
+    commands: argparse._SubParsersAction,
+    add_model_options: Callable,
+    add_sampling_options: Callable,
+) -> None:
     chat = commands.add_parser(
         "chat",
         help="talk with the model; the conversation is remembered across sessions",
@@ -40,7 +44,9 @@ def add_chat_commands(commands: argparse._SubParsersAction, add_model_options: C
     add_memory_option(chat)
     chat.add_argument("--system", help="system prompt for the first turn of a fresh memory")
     chat.add_argument(
-        "--max-tokens", type=int, default=512,
+        "--max-tokens",
+        type=int,
+        default=512,
         help="maximum tokens per answer (default 512)",
     )
     chat.set_defaults(run=run_chat)
@@ -55,7 +61,8 @@ def add_chat_commands(commands: argparse._SubParsersAction, add_model_options: C
     add_model_options(read)
     add_memory_option(read)
     read.add_argument(
-        "--encoding", default="utf-8",
+        "--encoding",
+        default="utf-8",
         help="text encoding of the files (default utf-8; for example latin-1 or cp1252)",
     )
     read.add_argument("--quiet", "-q", action="store_true", help="no progress line")
@@ -64,13 +71,16 @@ def add_chat_commands(commands: argparse._SubParsersAction, add_model_options: C
 
 def add_memory_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--memory", metavar="NAME", default=None,
+        "--memory",
+        metavar="NAME",
+        default=None,
         help="memory to continue and save (a name, or a path with '/' or ending in .mem; "
         f"default: {DEFAULT_MEMORY!r} for the built-in model, the checkpoint's file name "
         "otherwise)",
     )
     parser.add_argument(
-        "--reset", action="store_true",
+        "--reset",
+        action="store_true",
         help="start from the model's initial state and replace the saved memory",
     )
 
@@ -184,7 +194,10 @@ def piped_turns(stream: TextIO) -> Iterator[str]:
         if isinstance(raw, bytes):
             line = raw.decode("utf-8", errors="replace")
             if "\ufffd" in line and not warned and b"\xef\xbf\xbd" not in raw:
-                print("llama2rnn: warning: invalid UTF-8 in the input was replaced by U+FFFD", file=sys.stderr)
+                print(
+                    "llama2rnn: warning: invalid UTF-8 in the input was replaced by U+FFFD",
+                    file=sys.stderr,
+                )
                 warned = True
         else:
             line = raw

@@ -93,7 +93,9 @@ def run_terminal(chat: Chat) -> int:
     history = data_home() / "chat_history"
     history.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     history.touch(mode=0o600, exist_ok=True)
-    session: PromptSession = PromptSession(history=FileHistory(str(history)), key_bindings=key_bindings())
+    session: PromptSession = PromptSession(
+        history=FileHistory(str(history)), key_bindings=key_bindings()
+    )
     print(f"llama2rnn chat: {describe_memory(chat.model)}. /help lists the commands.")
     while True:
         try:

@@ -434,8 +434,7 @@ def _check_format_config(format_name: str, config: Config) -> None:
     config.validate()
     if format_name == "llama2rnn" and not config.is_memory_model:
         raise ValueError(
-            "format 'llama2rnn' needs mem_len > 0. Use a llama2.c format for a model "
-            "without memory"
+            "format 'llama2rnn' needs mem_len > 0. Use a llama2.c format for a model without memory"
         )
     if format_name != "llama2rnn" and config.is_memory_model:
         raise ValueError(
@@ -719,8 +718,7 @@ def read_checkpoint(path: PathLike) -> Tuple[str, Config, Weights, Optional[int]
     expected_size = checkpoint_size(format_name, config, shared_classifier, group_size)
     if expected_size != len(data):
         raise ValueError(
-            f"{format_name} checkpoint has {len(data)} bytes but its header implies "
-            f"{expected_size}"
+            f"{format_name} checkpoint has {len(data)} bytes but its header implies {expected_size}"
         )
 
     shapes = weight_shapes(config, shared_classifier=shared_classifier)

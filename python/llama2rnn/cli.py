@@ -20,35 +20,54 @@ USER_ERRORS = (OSError, ValueError, RuntimeError, ArithmeticError, TokenizerErro
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", "-m", type=Path, default=None,
+        "--model",
+        "-m",
+        type=Path,
+        default=None,
         help="checkpoint file (default: the built-in model)",
     )
     parser.add_argument(
-        "--tokenizer", "-z", type=Path, default=None,
+        "--tokenizer",
+        "-z",
+        type=Path,
+        default=None,
         help="tokenizer.bin or sentencepiece .model (default: the one next to the checkpoint)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="worker threads (default: LLAMA2RNN_THREADS, else the CPUs available)",
     )
     parser.add_argument(
-        "--mode", choices=("chunk", "token"), default="chunk",
+        "--mode",
+        choices=("chunk", "token"),
+        default="chunk",
         help="memory update after every chunk of M tokens (as trained) or after every token",
     )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, temperature: float = 1.0) -> None:
     parser.add_argument(
-        "--temperature", "-t", type=float, default=temperature,
+        "--temperature",
+        "-t",
+        type=float,
+        default=temperature,
         help=f"sampling temperature; 0 picks the most likely token (default {temperature})",
     )
     parser.add_argument(
-        "--top-p", "-p", type=float, default=0.9,
+        "--top-p",
+        "-p",
+        type=float,
+        default=0.9,
         help="nucleus sampling: keep the most likely tokens up to this probability mass; "
         "1 keeps all (default 0.9)",
     )
     parser.add_argument(
-        "--seed", "-s", type=int, default=None,
+        "--seed",
+        "-s",
+        type=int,
+        default=None,
         help="random seed, any integer from 0 to 2**64-1, for repeatable output "
         "(default: a fresh random seed)",
     )
@@ -66,16 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(generate)
     generate.add_argument("--prompt", "-i", default="", help="text to continue (default: empty)")
     generate.add_argument(
-        "--steps", "-n", type=int, default=256,
+        "--steps",
+        "-n",
+        type=int,
+        default=256,
         help="maximum number of tokens to generate (default 256)",
     )
     generate.add_argument(
-        "--memory", metavar="NAME",
+        "--memory",
+        metavar="NAME",
         help="continue from this saved memory (a name, or a path with '/' or ending in .mem), "
         "create it if missing, and save it at the end; it stays locked while running",
     )
     generate.add_argument(
-        "--reset", action="store_true",
+        "--reset",
+        action="store_true",
         help="with --memory: start from the model's initial state and replace the saved memory",
     )
     generate.set_defaults(run=run_generate)
@@ -231,13 +255,15 @@ def run_memory_list(args: argparse.Namespace) -> int:
             rows.append((item.name, str(item.error), "-", "-", format_size(item.size)))
             continue
         header = item.header
-        rows.append((
-            item.name,
-            header.summary(),
-            f"{header.position:,}",
-            memory_store.format_saved_time(header.saved_unix_ms),
-            format_size(item.size),
-        ))
+        rows.append(
+            (
+                item.name,
+                header.summary(),
+                f"{header.position:,}",
+                memory_store.format_saved_time(header.saved_unix_ms),
+                format_size(item.size),
+            )
+        )
     print_table(rows)
     return 0
 

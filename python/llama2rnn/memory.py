@@ -62,7 +62,14 @@ VERSION = 1
 HEADER_BYTES = 128
 CHECKSUM_BYTES = 4
 CONFIG_FIELDS = (
-    "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "mem_len"
+    "dim",
+    "hidden_dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "seq_len",
+    "mem_len",
 )
 FORMAT_CODES = {"llama2rnn": 0, "llama2c-v2": 1, "llama2c-v1": 2, "llama2c-v0": 3}
 MODE_CODES = {"chunk": 0, "token": 1}

@@ -35,7 +35,9 @@ def default_threads() -> int:
                 f"LLAMA2RNN_THREADS={value!r} is invalid: set it to a positive integer"
             ) from None
         if threads < 1:
-            raise ValueError(f"LLAMA2RNN_THREADS={value!r} is invalid: set it to a positive integer")
+            raise ValueError(
+                f"LLAMA2RNN_THREADS={value!r} is invalid: set it to a positive integer"
+            )
         return threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -316,9 +318,7 @@ class Model:
     def snapshot(self) -> MemorySnapshot:
         """Return an independent in-memory copy of the state (with the sampler state and the
         last token), for `restore`."""
-        return MemorySnapshot(
-            self._engine.save_state(self._last_token, memory_store.now_unix_ms())
-        )
+        return MemorySnapshot(self._engine.save_state(self._last_token, memory_store.now_unix_ms()))
 
     def restore(self, snapshot: MemorySnapshot) -> None:
         """Return to the state of `snapshot`. Raises MemoryFileError, leaving the state
@@ -425,4 +425,6 @@ class Model:
         seed: int | None = None,
     ) -> Iterator[str]:
         """Like `chat`, yielding the answer's text as it is decoded."""
-        return chat_template.chat_stream(self, message, system, max_tokens, temperature, top_p, seed)
+        return chat_template.chat_stream(
+            self, message, system, max_tokens, temperature, top_p, seed
+        )

@@ -31,7 +31,13 @@ pub fn matvec_q8(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec
         let mut lanes = [0.0f32; LANES];
         for g in 0..groups {
             let span = g * gs..(g + 1) * gs;
-            accumulate_group(&mut lanes, g, isum(&row[span.clone()], &x.q[span]), row_scales[g], x.scales[g]);
+            accumulate_group(
+                &mut lanes,
+                g,
+                isum(&row[span.clone()], &x.q[span]),
+                row_scales[g],
+                x.scales[g],
+            );
         }
         *o = sum_lanes(&lanes);
     }

@@ -33,7 +33,11 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    pub const ALL: [KernelPath; 3] = [KernelPath::Generic, KernelPath::Avx2, KernelPath::Avx512Vnni];
+    pub const ALL: [KernelPath; 3] = [
+        KernelPath::Generic,
+        KernelPath::Avx2,
+        KernelPath::Avx512Vnni,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,11 +83,14 @@ impl KernelPath {
         if name == "auto" {
             return Ok(Self::detect());
         }
-        let path = Self::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
-            Error::InvalidSetting(format!(
-                "unknown kernel path {name:?}: use auto, generic, avx2 or avx512vnni"
-            ))
-        })?;
+        let path = Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::InvalidSetting(format!(
+                    "unknown kernel path {name:?}: use auto, generic, avx2 or avx512vnni"
+                ))
+            })?;
         if !path.is_supported() {
             let names: Vec<_> = Self::supported().iter().map(|p| p.name()).collect();
             return Err(Error::InvalidSetting(format!(
@@ -151,7 +158,11 @@ impl QuantizedVec {
             // the output instead of quantizing it to 0.
             let finite = group.iter().all(|v| v.is_finite());
             let scale = if finite { max_abs / Q_MAX } else { f32::NAN };
-            let inv = if scale > 0.0 && finite { 1.0 / scale } else { 0.0 };
+            let inv = if scale > 0.0 && finite {
+                1.0 / scale
+            } else {
+                0.0
+            };
             self.scales.push(scale);
             // f32::round rounds half away from zero. Multiplying by the reciprocal can differ
             // from dividing in the last bit, so divide, as the weight quantizer does.

@@ -5,7 +5,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next_u32(&mut self) -> u32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) as u32
     }
 
@@ -18,10 +21,17 @@ impl Lcg {
     }
 }
 
-fn random_case(rng: &mut Lcg, rows: usize, cols: usize, gs: usize) -> (Vec<i8>, Vec<f32>, QuantizedVec) {
+fn random_case(
+    rng: &mut Lcg,
+    rows: usize,
+    cols: usize,
+    gs: usize,
+) -> (Vec<i8>, Vec<f32>, QuantizedVec) {
     // Full int8 range for the weights, -128 included: the SIMD sign trick must handle it.
     let w_q: Vec<i8> = (0..rows * cols).map(|_| rng.int8()).collect();
-    let w_s: Vec<f32> = (0..rows * cols / gs).map(|_| rng.unit().abs() * 0.01 + 1e-4).collect();
+    let w_s: Vec<f32> = (0..rows * cols / gs)
+        .map(|_| rng.unit().abs() * 0.01 + 1e-4)
+        .collect();
     let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 3.0).collect();
     let mut xq = QuantizedVec::with_capacity(cols, gs);
     xq.quantize_from(&x);
@@ -63,7 +73,11 @@ fn generic_matches_f32_dot_product() {
             })
             .sum();
         let tolerance = 1e-5 * expected.abs().max(1.0);
-        assert!((out[r] as f64 - expected).abs() < tolerance, "row {r}: {} vs {expected}", out[r]);
+        assert!(
+            (out[r] as f64 - expected).abs() < tolerance,
+            "row {r}: {} vs {expected}",
+            out[r]
+        );
     }
 }
 
@@ -73,8 +87,17 @@ fn every_supported_path_matches_generic_bit_for_bit() {
     // Group sizes that take the 64-byte, 32-byte and scalar branches; column counts that
     // span one group and several.
     for &(rows, cols, gs) in &[
-        (3, 64, 64), (7, 288, 32), (4, 768, 64), (5, 96, 32), (6, 48, 16), (2, 45, 5), (9, 128, 128),
-        (3, 608, 32), (2, 1216, 64), (2, 2048, 128), (4, 256, 32),
+        (3, 64, 64),
+        (7, 288, 32),
+        (4, 768, 64),
+        (5, 96, 32),
+        (6, 48, 16),
+        (2, 45, 5),
+        (9, 128, 128),
+        (3, 608, 32),
+        (2, 1216, 64),
+        (2, 2048, 128),
+        (4, 256, 32),
     ] {
         let (w_q, w_s, xq) = random_case(&mut rng, rows, cols, gs);
         let mut expected = vec![0.0; rows];
@@ -82,8 +105,15 @@ fn every_supported_path_matches_generic_bit_for_bit() {
         for path in KernelPath::supported() {
             let mut out = vec![0.0; rows];
             path.matvec_q8(&mut out, &w_q, &w_s, &xq);
-            let same = out.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{} differs from generic for {rows}x{cols} gs {gs}", path.name());
+            let same = out
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{} differs from generic for {rows}x{cols} gs {gs}",
+                path.name()
+            );
         }
     }
 }
@@ -94,8 +124,17 @@ fn extreme_weights_do_not_saturate() {
     let (rows, cols, gs) = (2, 64, 32);
     let w_q = vec![-128i8; rows * cols];
     let w_s = vec![1.0f32; rows * cols / gs];
-    let xq = QuantizedVec { q: (0..cols).map(|i| if i % 2 == 0 { 127 } else { -127 }).collect(), scales: vec![1.0; 2], group_size: gs };
-    let xq_pos = QuantizedVec { q: vec![127; cols], ..xq.clone() };
+    let xq = QuantizedVec {
+        q: (0..cols)
+            .map(|i| if i % 2 == 0 { 127 } else { -127 })
+            .collect(),
+        scales: vec![1.0; 2],
+        group_size: gs,
+    };
+    let xq_pos = QuantizedVec {
+        q: vec![127; cols],
+        ..xq.clone()
+    };
     for path in KernelPath::supported() {
         let mut out = vec![0.0; rows];
         path.matvec_q8(&mut out, &w_q, &w_s, &xq);
@@ -109,5 +148,8 @@ fn extreme_weights_do_not_saturate() {
 fn from_name_rejects_unknown_path() {
     let err = KernelPath::from_name("neon9000").unwrap_err().to_string();
     assert!(err.contains("neon9000"), "{err}");
-    assert_eq!(KernelPath::from_name("generic").unwrap(), KernelPath::Generic);
+    assert_eq!(
+        KernelPath::from_name("generic").unwrap(),
+        KernelPath::Generic
+    );
 }

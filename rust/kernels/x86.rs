@@ -84,7 +84,10 @@ unsafe fn group_vnni(w: *const i8, x: *const i8, gs: usize) -> __m256i {
             wide = _mm512_dpbusd_epi32(wide, _mm512_abs_epi8(wv), x_signed);
             offset += 64;
         }
-        acc = _mm256_add_epi32(_mm512_castsi512_si256(wide), _mm512_extracti64x4_epi64(wide, 1));
+        acc = _mm256_add_epi32(
+            _mm512_castsi512_si256(wide),
+            _mm512_extracti64x4_epi64(wide, 1),
+        );
     }
     while offset < gs {
         // SAFETY: as above.
@@ -111,7 +114,12 @@ macro_rules! matvec_rows {
         /// # Safety
         /// The CPU must support the target features; `x.group_size` a multiple of 32.
         #[target_feature(enable = $features)]
-        unsafe fn $name<const GS: usize>(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
+        unsafe fn $name<const GS: usize>(
+            out: &mut [f32],
+            w_q: &[i8],
+            w_scales: &[f32],
+            x: &QuantizedVec,
+        ) {
             let cols = x.q.len();
             let gs = if GS == 0 { x.group_size } else { GS };
             let groups = cols / gs;
@@ -125,7 +133,11 @@ macro_rules! matvec_rows {
                     let mut sums = [_mm256_setzero_si256(); LANES];
                     for (k, sum) in sums.iter_mut().enumerate() {
                         *sum = unsafe {
-                            $group(row.as_ptr().add((g0 + k) * gs), x.q.as_ptr().add((g0 + k) * gs), gs)
+                            $group(
+                                row.as_ptr().add((g0 + k) * gs),
+                                x.q.as_ptr().add((g0 + k) * gs),
+                                gs,
+                            )
                         };
                     }
                     let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
@@ -146,14 +158,17 @@ macro_rules! matvec_rows {
                     for (k, sum) in sums.iter_mut().enumerate().take(rest) {
                         let g = full + k;
                         // SAFETY: group g lies inside the row and inside x.q.
-                        *sum = unsafe { $group(row.as_ptr().add(g * gs), x.q.as_ptr().add(g * gs), gs) };
+                        *sum = unsafe {
+                            $group(row.as_ptr().add(g * gs), x.q.as_ptr().add(g * gs), gs)
+                        };
                     }
                     let (mut ws, mut xs) = ([0.0f32; LANES], [0.0f32; LANES]);
                     ws[..rest].copy_from_slice(&row_scales[full..]);
                     xs[..rest].copy_from_slice(&x.scales[full..groups]);
                     let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
                     // SAFETY: both arrays hold eight f32.
-                    let (ws, xs) = unsafe { (_mm256_loadu_ps(ws.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
+                    let (ws, xs) =
+                        unsafe { (_mm256_loadu_ps(ws.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
                     acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs));
                 }
                 *o = hsum_ps(acc);
@@ -163,7 +178,11 @@ macro_rules! matvec_rows {
 }
 
 matvec_rows!(matvec_q8_avx2_rows, "avx2", group_avx2);
-matvec_rows!(matvec_q8_vnni_rows, "avx2,avx512f,avx512bw,avx512vl,avx512vnni", group_vnni);
+matvec_rows!(
+    matvec_q8_vnni_rows,
+    "avx2,avx512f,avx512bw,avx512vl,avx512vnni",
+    group_vnni
+);
 
 /// # Safety
 /// The CPU must support AVX2.
@@ -184,7 +203,12 @@ pub unsafe fn matvec_q8_avx2(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn matvec_q8_avx512vnni(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec) {
+pub unsafe fn matvec_q8_avx512vnni(
+    out: &mut [f32],
+    w_q: &[i8],
+    w_scales: &[f32],
+    x: &QuantizedVec,
+) {
     // SAFETY: the caller guarantees the features; each branch has a group size that is a
     // multiple of 32.
     unsafe {

@@ -11,16 +11,26 @@ impl Transformer {
     pub fn forward<'s>(&self, state: &'s mut State, token: u32) -> Result<&'s [f32]> {
         let c = *self.config();
         if token as usize >= c.vocab_size {
-            return Err(Error::TokenOutOfRange { token: token as i64, vocab_size: c.vocab_size });
+            return Err(Error::TokenOutOfRange {
+                token: token as i64,
+                vocab_size: c.vocab_size,
+            });
         }
         // Window row of this token's key/value, which is also its RoPE position.
-        let chunk_pos = if c.is_memory_model() { (state.position % c.mem_len as u64) as usize } else { 0 };
+        let chunk_pos = if c.is_memory_model() {
+            (state.position % c.mem_len as u64) as usize
+        } else {
+            0
+        };
         let row = if c.is_memory_model() {
             c.mem_len + chunk_pos
         } else if state.position < c.seq_len as u64 {
             state.position as usize
         } else {
-            return Err(Error::ContextFull { seq_len: c.seq_len, position: state.position as usize });
+            return Err(Error::ContextFull {
+                seq_len: c.seq_len,
+                position: state.position as usize,
+            });
         };
 
         self.run(|| self.forward_layers(state, token, row, chunk_pos));
@@ -48,7 +58,13 @@ impl Transformer {
         let c = *self.config();
         let (dim, kv_dim) = (c.dim, c.kv_dim());
         let rows = c.cache_rows();
-        let State { mem, key_cache, value_cache, scratch: s, .. } = state;
+        let State {
+            mem,
+            key_cache,
+            value_cache,
+            scratch: s,
+            ..
+        } = state;
 
         // Token embedding (a Q8_0 table is dequantized one row at a time).
         self.weights.embedding.read_row(token as usize, &mut s.x);
@@ -110,7 +126,10 @@ impl Transformer {
         for pair in tokens.windows(2) {
             let logits = self.forward(state, pair[0])?;
             if pair[1] as usize >= logits.len() {
-                return Err(Error::TokenOutOfRange { token: pair[1] as i64, vocab_size: logits.len() });
+                return Err(Error::TokenOutOfRange {
+                    token: pair[1] as i64,
+                    vocab_size: logits.len(),
+                });
             }
             losses.push(negative_log_likelihood(logits, pair[1] as usize));
         }

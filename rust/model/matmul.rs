@@ -31,7 +31,10 @@ impl Transformer {
             self.matvec_rows(out, w, 0, x, xq);
             return;
         }
-        let block = w.rows.div_ceil(self.threads * TASKS_PER_THREAD).max(MIN_ROWS_PER_TASK);
+        let block = w
+            .rows
+            .div_ceil(self.threads * TASKS_PER_THREAD)
+            .max(MIN_ROWS_PER_TASK);
         out.par_chunks_mut(block)
             .enumerate()
             .for_each(|(i, out)| self.matvec_rows(out, w, i * block, x, xq));
@@ -72,12 +75,24 @@ impl Transformer {
     }
 
     /// Rows `first_row..first_row + out.len()` of `W x` on the calling thread.
-    fn matvec_rows(&self, out: &mut [f32], w: &Matrix, first_row: usize, x: &[f32], xq: &QuantizedVec) {
+    fn matvec_rows(
+        &self,
+        out: &mut [f32],
+        w: &Matrix,
+        first_row: usize,
+        x: &[f32],
+        xq: &QuantizedVec,
+    ) {
         let span = first_row * w.cols..(first_row + out.len()) * w.cols;
         match w.data {
-            MatrixData::Q8 { q, scales, group_size } => {
+            MatrixData::Q8 {
+                q,
+                scales,
+                group_size,
+            } => {
                 let scale_span = span.start / group_size..span.end / group_size;
-                self.kernel.matvec_q8(out, &q[span], &scales[scale_span], xq);
+                self.kernel
+                    .matvec_q8(out, &q[span], &scales[scale_span], xq);
             }
             MatrixData::F32(weights) => kernels::matvec_f32(out, &weights[span], x),
         }

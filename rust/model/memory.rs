@@ -13,9 +13,18 @@ impl Transformer {
         let c = *self.config();
         let (dim, hidden, kv_dim) = (c.dim, c.hidden_dim, c.kv_dim());
         let layer = &self.weights.layers[l];
-        let weights = layer.memory.as_ref().expect("memory models have memory weights");
+        let weights = layer
+            .memory
+            .as_ref()
+            .expect("memory models have memory weights");
         let n = slots.len();
-        let State { mem, key_cache, value_cache, scratch, .. } = state;
+        let State {
+            mem,
+            key_cache,
+            value_cache,
+            scratch,
+            ..
+        } = state;
         let b = &mut scratch.batch;
         debug_assert!(n <= b.rows);
 
@@ -25,7 +34,11 @@ impl Transformer {
 
         // Memory FFN on rmsnorm(m, rms_mff), added to m.
         for i in 0..n {
-            rmsnorm(&mut b.b[i * dim..(i + 1) * dim], &b.a[i * dim..(i + 1) * dim], weights.rms_mff);
+            rmsnorm(
+                &mut b.b[i * dim..(i + 1) * dim],
+                &b.a[i * dim..(i + 1) * dim],
+                weights.rms_mff,
+            );
             self.prepare(&b.b[i * dim..(i + 1) * dim], &mut b.aq[i]);
         }
         self.matmul(&mut b.h1, &weights.aw1, &b.b, &b.aq, n);
@@ -40,7 +53,11 @@ impl Transformer {
 
         // n = rmsnorm(m, rms_mem), then keys and values through the layer's own wk and wv.
         for i in 0..n {
-            rmsnorm(&mut b.b[i * dim..(i + 1) * dim], &b.a[i * dim..(i + 1) * dim], weights.rms_mem);
+            rmsnorm(
+                &mut b.b[i * dim..(i + 1) * dim],
+                &b.a[i * dim..(i + 1) * dim],
+                weights.rms_mem,
+            );
             self.prepare(&b.b[i * dim..(i + 1) * dim], &mut b.aq[i]);
         }
         let rows = l * c.cache_rows() * kv_dim + slots.start * kv_dim..;
@@ -48,7 +65,10 @@ impl Transformer {
         self.matmul(&mut b.kv, &layer.wk, &b.b, &b.aq, n);
         key_cache[window.clone()].copy_from_slice(&b.kv[..n * kv_dim]);
         for (i, slot) in slots.enumerate() {
-            self.rope.rotate(&mut key_cache[window.start + i * kv_dim..window.start + (i + 1) * kv_dim], slot);
+            self.rope.rotate(
+                &mut key_cache[window.start + i * kv_dim..window.start + (i + 1) * kv_dim],
+                slot,
+            );
         }
         self.matmul(&mut value_cache[window], &layer.wv, &b.b, &b.aq, n);
     }

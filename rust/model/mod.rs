@@ -3,8 +3,8 @@
 mod forward;
 mod matmul;
 mod memory;
-mod prefill;
 pub mod ops;
+mod prefill;
 pub mod state;
 
 use std::path::Path;
@@ -92,7 +92,9 @@ impl Transformer {
                 .num_threads(threads)
                 .thread_name(|i| format!("llama2rnn-{i}"))
                 .build()
-                .map_err(|e| Error::InvalidSetting(format!("cannot start {threads} threads: {e}")))?;
+                .map_err(|e| {
+                    Error::InvalidSetting(format!("cannot start {threads} threads: {e}"))
+                })?;
             Some(pool)
         } else {
             None
@@ -132,7 +134,10 @@ impl Transformer {
             return;
         }
         for (l, layer) in self.weights.layers.iter().enumerate() {
-            let memory = layer.memory.as_ref().expect("memory models have memory weights");
+            let memory = layer
+                .memory
+                .as_ref()
+                .expect("memory models have memory weights");
             let span = l * c.mem_len * c.dim..(l + 1) * c.mem_len * c.dim;
             state.mem[span].copy_from_slice(memory.ori_mem);
         }

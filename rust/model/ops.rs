@@ -56,8 +56,9 @@ pub struct RopeTable {
 impl RopeTable {
     pub fn new(head_size: usize, positions: usize) -> RopeTable {
         let half = head_size / 2;
-        let freqs: Vec<f64> =
-            (0..half).map(|j| 10000f64.powf(-((2 * j) as f64) / head_size as f64)).collect();
+        let freqs: Vec<f64> = (0..half)
+            .map(|j| 10000f64.powf(-((2 * j) as f64) / head_size as f64))
+            .collect();
         let positions = positions.min(ROPE_TABLE_POSITIONS);
         let mut table = RopeTable {
             half,
@@ -92,7 +93,11 @@ impl RopeTable {
                 .unzip();
             return rotate_pairs(x, &cos, &sin);
         }
-        rotate_pairs(x, &self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        rotate_pairs(
+            x,
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
     }
 }
 

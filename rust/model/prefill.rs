@@ -15,7 +15,10 @@ impl Transformer {
     pub fn feed(&self, state: &mut State, tokens: &[u32]) -> Result<()> {
         let c = *self.config();
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::TokenOutOfRange { token: token as i64, vocab_size: c.vocab_size });
+            return Err(Error::TokenOutOfRange {
+                token: token as i64,
+                vocab_size: c.vocab_size,
+            });
         }
         if !c.is_memory_model() && state.position + tokens.len() as u64 > c.seq_len as u64 {
             return Err(Error::ContextFull {
@@ -65,17 +68,31 @@ impl Transformer {
         }
     }
 
-    fn forward_batch_layers(&self, state: &mut State, tokens: &[u32], first_row: usize, chunk_pos: usize) {
+    fn forward_batch_layers(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        first_row: usize,
+        chunk_pos: usize,
+    ) {
         let c = *self.config();
         let (dim, hidden, kv_dim) = (c.dim, c.hidden_dim, c.kv_dim());
         let n = tokens.len();
         let rows = c.cache_rows();
-        let State { mem, key_cache, value_cache, scratch, .. } = state;
+        let State {
+            mem,
+            key_cache,
+            value_cache,
+            scratch,
+            ..
+        } = state;
         let b = &mut scratch.batch;
 
         // Token embeddings, one row per token.
         for (i, &token) in tokens.iter().enumerate() {
-            self.weights.embedding.read_row(token as usize, &mut b.x[i * dim..(i + 1) * dim]);
+            self.weights
+                .embedding
+                .read_row(token as usize, &mut b.x[i * dim..(i + 1) * dim]);
         }
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
@@ -84,7 +101,11 @@ impl Transformer {
 
             // Attention rmsnorm, then q, k, v for the whole batch; k and v go into the cache.
             for i in 0..n {
-                rmsnorm(&mut b.a[i * dim..(i + 1) * dim], &b.x[i * dim..(i + 1) * dim], layer.rms_att);
+                rmsnorm(
+                    &mut b.a[i * dim..(i + 1) * dim],
+                    &b.x[i * dim..(i + 1) * dim],
+                    layer.rms_att,
+                );
                 self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
             }
             self.matmul(&mut b.q, &layer.wq, &b.a, &b.aq, n);
@@ -93,9 +114,11 @@ impl Transformer {
 
             // RoPE, each token at its own window row.
             for i in 0..n {
-                self.rope.rotate(&mut b.q[i * dim..(i + 1) * dim], first_row + i);
+                self.rope
+                    .rotate(&mut b.q[i * dim..(i + 1) * dim], first_row + i);
                 let k = window.start + i * kv_dim;
-                self.rope.rotate(&mut key_cache[k..k + kv_dim], first_row + i);
+                self.rope
+                    .rotate(&mut key_cache[k..k + kv_dim], first_row + i);
             }
 
             // Causal attention: token i sees window rows 0..=first_row + i. Tokens are
@@ -109,10 +132,14 @@ impl Transformer {
             };
             if self.threads() > 1 {
                 let outs = b.a[..n * dim].par_chunks_mut(dim);
-                outs.zip(b.scores.par_chunks_mut(rows)).enumerate().for_each(attend);
+                outs.zip(b.scores.par_chunks_mut(rows))
+                    .enumerate()
+                    .for_each(attend);
             } else {
                 let outs = b.a[..n * dim].chunks_mut(dim);
-                outs.zip(b.scores.chunks_mut(rows)).enumerate().for_each(attend);
+                outs.zip(b.scores.chunks_mut(rows))
+                    .enumerate()
+                    .for_each(attend);
             }
 
             // The attention outputs become this chunk's memory rows.
@@ -130,7 +157,11 @@ impl Transformer {
 
             // SwiGLU feed-forward and residual.
             for i in 0..n {
-                rmsnorm(&mut b.a[i * dim..(i + 1) * dim], &b.x[i * dim..(i + 1) * dim], layer.rms_ffn);
+                rmsnorm(
+                    &mut b.a[i * dim..(i + 1) * dim],
+                    &b.x[i * dim..(i + 1) * dim],
+                    layer.rms_ffn,
+                );
                 self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
             }
             self.matmul(&mut b.h1, &layer.w1, &b.a, &b.aq, n);

@@ -22,30 +22,30 @@ pub struct State {
 
 /// Buffers reused by every forward pass and memory update.
 pub(crate) struct Scratch {
-    pub x: Vec<f32>,       // (dim,) residual stream
-    pub xb: Vec<f32>,      // (dim,)
-    pub xb2: Vec<f32>,     // (dim,)
-    pub hb: Vec<f32>,      // (hidden_dim,)
-    pub hb2: Vec<f32>,     // (hidden_dim,)
-    pub q: Vec<f32>,       // (dim,)
-    pub scores: Vec<f32>,  // (cache_rows,) attention weights of one head
-    pub logits: Vec<f32>,  // (vocab_size,)
-    pub xq: QuantizedVec,  // quantized input of width dim
-    pub hq: QuantizedVec,  // quantized input of width hidden_dim
+    pub x: Vec<f32>,      // (dim,) residual stream
+    pub xb: Vec<f32>,     // (dim,)
+    pub xb2: Vec<f32>,    // (dim,)
+    pub hb: Vec<f32>,     // (hidden_dim,)
+    pub hb2: Vec<f32>,    // (hidden_dim,)
+    pub q: Vec<f32>,      // (dim,)
+    pub scores: Vec<f32>, // (cache_rows,) attention weights of one head
+    pub logits: Vec<f32>, // (vocab_size,)
+    pub xq: QuantizedVec, // quantized input of width dim
+    pub hq: QuantizedVec, // quantized input of width hidden_dim
     pub batch: BatchScratch,
 }
 
 /// Buffers for batches of up to `rows` rows (memory updates, batched prefill).
 pub(crate) struct BatchScratch {
     pub rows: usize,
-    pub x: Vec<f32>,   // (rows, dim) residual streams of a prefill batch
-    pub q: Vec<f32>,   // (rows, dim)
-    pub scores: Vec<f32>, // (rows, cache_rows) attention weights, one head at a time per row
-    pub a: Vec<f32>,   // (rows, dim)
-    pub b: Vec<f32>,   // (rows, dim)
-    pub h1: Vec<f32>,  // (rows, hidden_dim)
-    pub h3: Vec<f32>,  // (rows, hidden_dim)
-    pub kv: Vec<f32>,  // (rows, kv_dim)
+    pub x: Vec<f32>,           // (rows, dim) residual streams of a prefill batch
+    pub q: Vec<f32>,           // (rows, dim)
+    pub scores: Vec<f32>,      // (rows, cache_rows) attention weights, one head at a time per row
+    pub a: Vec<f32>,           // (rows, dim)
+    pub b: Vec<f32>,           // (rows, dim)
+    pub h1: Vec<f32>,          // (rows, hidden_dim)
+    pub h3: Vec<f32>,          // (rows, hidden_dim)
+    pub kv: Vec<f32>,          // (rows, kv_dim)
     pub aq: Vec<QuantizedVec>, // per row, width dim
     pub hq: Vec<QuantizedVec>, // per row, width hidden_dim
 }
@@ -54,7 +54,11 @@ pub(crate) struct BatchScratch {
 /// `mem_len` come from the file header and can ask for more memory than the machine has.
 /// The memory comes zeroed from the allocator, so pages are only touched when used.
 pub(crate) fn zeroed(len: usize, what: &'static str) -> Result<Vec<f32>> {
-    let error = || Error::OutOfMemory { what, field: "seq_len or mem_len", bytes: len as u128 * 4 };
+    let error = || Error::OutOfMemory {
+        what,
+        field: "seq_len or mem_len",
+        bytes: len as u128 * 4,
+    };
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -102,7 +106,9 @@ impl State {
             h1: zeroed(batch_rows * c.hidden_dim, "batch buffers")?,
             h3: zeroed(batch_rows * c.hidden_dim, "batch buffers")?,
             kv: zeroed(batch_rows * c.kv_dim(), "batch buffers")?,
-            aq: (0..batch_rows).map(|_| QuantizedVec::with_capacity(c.dim, group_size)).collect(),
+            aq: (0..batch_rows)
+                .map(|_| QuantizedVec::with_capacity(c.dim, group_size))
+                .collect(),
             hq: (0..batch_rows)
                 .map(|_| QuantizedVec::with_capacity(c.hidden_dim, group_size))
                 .collect(),

@@ -41,8 +41,14 @@ fn nucleus_matches_sorting_definition() {
             let mut expected_sorted = expected.clone();
             expected_sorted.sort();
             // Ties at the boundary may pick different tokens of equal probability.
-            let got_min = got.iter().map(|&i| probs[i as usize]).fold(f32::INFINITY, f32::min);
-            let expected_min = expected.iter().map(|&i| probs[i as usize]).fold(f32::INFINITY, f32::min);
+            let got_min = got
+                .iter()
+                .map(|&i| probs[i as usize])
+                .fold(f32::INFINITY, f32::min);
+            let expected_min = expected
+                .iter()
+                .map(|&i| probs[i as usize])
+                .fold(f32::INFINITY, f32::min);
             assert_eq!(got_min, expected_min, "n {n} top_p {p}");
         }
     }

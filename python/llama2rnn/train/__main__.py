@@ -59,47 +59,98 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default = field.default if field.default is not MISSING else None
         help_text = f"{TRAIN_HELP[field.name]} (default: {default})"
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[str(field.type)]
             parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama2rnn.train", description="Prepare chat data, then train, export and evaluate Llama2RNN models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama2rnn.train",
+        description="Prepare chat data, then train, export and evaluate Llama2RNN models.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prepare = sub.add_parser("prepare", help="render chitchat conversations, train the tokenizer, tokenize")
-    prepare.add_argument("--out-dir", default="runs/data", help="output data directory (default: runs/data)")
-    prepare.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default: 2048)")
-    prepare.add_argument("--val-fraction", type=float, default=0.05, help="fraction of conversations held out (default: 0.05)")
-    prepare.add_argument("--seed", type=int, default=0, help="seed of the split hash and the tokenizer trainer (default: 0)")
-    prepare.add_argument("--limit", type=int, default=0, help="use only the first N conversations (0: all)")
+    prepare = sub.add_parser(
+        "prepare", help="render chitchat conversations, train the tokenizer, tokenize"
+    )
+    prepare.add_argument(
+        "--out-dir", default="runs/data", help="output data directory (default: runs/data)"
+    )
+    prepare.add_argument(
+        "--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default: 2048)"
+    )
+    prepare.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="fraction of conversations held out (default: 0.05)",
+    )
+    prepare.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split hash and the tokenizer trainer (default: 0)",
+    )
+    prepare.add_argument(
+        "--limit", type=int, default=0, help="use only the first N conversations (0: all)"
+    )
 
     train = sub.add_parser("train", help="train a model (under torchrun for DDP)")
     add_train_arguments(train)
 
     export = sub.add_parser("export", help="write a training checkpoint as an engine checkpoint")
     export.add_argument("--checkpoint", required=True, help="training checkpoint (ckpt.pt)")
-    export.add_argument("--out", required=True, help="output model file, e.g. models/default/model.bin")
+    export.add_argument(
+        "--out", required=True, help="output model file, e.g. models/default/model.bin"
+    )
     export.add_argument(
         "--format",
         default="auto",
         choices=["auto", "llama2rnn", "llama2c-v2", "llama2c-v1"],
         help="auto: llama2rnn for a memory model, llama2c-v2 (Q8_0) for a plain one; llama2c-v1 is fp32",
     )
-    export.add_argument("--group-size", type=int, default=None, help="Q8_0 group size (default: the writer's choice)")
-    export.add_argument("--data-dir", default=None, help="data directory whose tokenizer.model is exported beside the model")
-    export.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer.model to export (overrides --data-dir)")
-
-    evaluate = sub.add_parser("eval", help="report the loss of a training checkpoint on a split read as one stream")
-    evaluate.add_argument("--checkpoint", required=True, help="training checkpoint (ckpt.pt)")
-    evaluate.add_argument("--data-dir", default=None, help="prepared data directory (default: the one used in training)")
-    evaluate.add_argument("--split", default="val", choices=["train", "val"], help="split to read (default: val)")
-    evaluate.add_argument(
-        "--long-tokens", type=int, default=4096, help="also report conversations longer than this many tokens (default: 4096)"
+    export.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="Q8_0 group size (default: the writer's choice)",
     )
-    evaluate.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads (default: 1)")
+    export.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory whose tokenizer.model is exported beside the model",
+    )
+    export.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece tokenizer.model to export (overrides --data-dir)",
+    )
+
+    evaluate = sub.add_parser(
+        "eval", help="report the loss of a training checkpoint on a split read as one stream"
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="training checkpoint (ckpt.pt)")
+    evaluate.add_argument(
+        "--data-dir",
+        default=None,
+        help="prepared data directory (default: the one used in training)",
+    )
+    evaluate.add_argument(
+        "--split", default="val", choices=["train", "val"], help="split to read (default: val)"
+    )
+    evaluate.add_argument(
+        "--long-tokens",
+        type=int,
+        default=4096,
+        help="also report conversations longer than this many tokens (default: 4096)",
+    )
+    evaluate.add_argument(
+        "--threads", type=int, default=1, help="PyTorch intra-op threads (default: 1)"
+    )
     return parser
 
 
@@ -142,7 +193,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
         state = load_checkpoint(args.checkpoint)
         data_dir = args.data_dir or state["data"]["data_dir"]
-        result = evaluate_split(model_from_checkpoint(state), data_dir, args.split, args.long_tokens, torch.device("cpu"))
+        result = evaluate_split(
+            model_from_checkpoint(state),
+            data_dir,
+            args.split,
+            args.long_tokens,
+            torch.device("cpu"),
+        )
         print(json.dumps(result, indent=1))
     return 0
 

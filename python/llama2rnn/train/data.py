@@ -217,9 +217,7 @@ class Progress:
         filled = int(width * done / self.total)
         bar = "#" * filled + "-" * (width - filled)
         elapsed = now - self.start
-        self.stream.write(
-            f"\r{self.label} [{bar}] {done}/{self.total} {elapsed:5.1f}s {extra}"
-        )
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {elapsed:5.1f}s {extra}")
         if done >= self.total:
             self.stream.write("\n")
         self.stream.flush()
@@ -244,7 +242,9 @@ def tokenize_split(
 
     index = np.zeros(len(ids) + 1, dtype=np.int64)
     index[1:] = np.cumsum([len(t) for t in encoded])
-    stream = np.memmap(out_dir / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(max(n_tokens, 1),))
+    stream = np.memmap(
+        out_dir / f"{split}.bin", dtype=np.uint16, mode="w+", shape=(max(n_tokens, 1),)
+    )
     for start, tokens in zip(index[:-1], encoded):
         stream[start : start + len(tokens)] = tokens
     stream.flush()
@@ -271,7 +271,9 @@ def prepare(
     import sentencepiece as spm
 
     if vocab_size > 65536:
-        raise ValueError(f"vocab_size {vocab_size} does not fit in uint16 token ids; use at most 65536")
+        raise ValueError(
+            f"vocab_size {vocab_size} does not fit in uint16 token ids; use at most 65536"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if conversations is None:
@@ -280,7 +282,10 @@ def prepare(
     if not train_ids:
         raise ValueError("the training split is empty; lower val_fraction or add conversations")
     logger.info(
-        "%d conversations: %d train, %d validation", len(conversations), len(train_ids), len(val_ids)
+        "%d conversations: %d train, %d validation",
+        len(conversations),
+        len(train_ids),
+        len(val_ids),
     )
 
     sentences = (

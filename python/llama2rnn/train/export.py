@@ -87,13 +87,17 @@ def model_to_weights(model: Transformer) -> tuple[Config, dict[str, np.ndarray]]
     }
     for name, attr in layer_names(model.args).items():
         weights[name] = np.stack([state[f"layers.{i}.{attr}"] for i in range(model.args.n_layers)])
-    return checkpoint_config(model.args), {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    return checkpoint_config(model.args), {
+        k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()
+    }
 
 
 def model_from_weights(config: Config, weights: Mapping[str, np.ndarray]) -> Transformer:
     """Build a model from a checkpoint config and weight dict (e.g. from ``read_checkpoint``)."""
     if "wcls" in weights:
-        raise ValueError("the PyTorch model ties the classifier to the embedding; weights with 'wcls' are not supported")
+        raise ValueError(
+            "the PyTorch model ties the classifier to the embedding; weights with 'wcls' are not supported"
+        )
     args = model_args(config)
     model = Transformer(args)
     state: dict[str, torch.Tensor] = {
@@ -103,13 +107,17 @@ def model_from_weights(config: Config, weights: Mapping[str, np.ndarray]) -> Tra
     state["output.weight"] = state["tok_embeddings.weight"]
     for name, attr in layer_names(args).items():
         for i in range(args.n_layers):
-            state[f"layers.{i}.{attr}"] = torch.from_numpy(np.array(weights[name][i], dtype=np.float32))
+            state[f"layers.{i}.{attr}"] = torch.from_numpy(
+                np.array(weights[name][i], dtype=np.float32)
+            )
     model.load_state_dict(state)
     return model.eval()
 
 
 def write_tokenizer(
-    out_dir: Path, tokenizer_model: Optional[str | os.PathLike[str]], data_dir: Optional[str | os.PathLike[str]]
+    out_dir: Path,
+    tokenizer_model: Optional[str | os.PathLike[str]],
+    data_dir: Optional[str | os.PathLike[str]],
 ) -> Optional[Path]:
     """Write ``tokenizer.bin`` into ``out_dir`` from a sentencepiece model or a data directory."""
     from llama2rnn.tokenizer import write_tokenizer_bin
@@ -151,6 +159,11 @@ def export_model(
         write_llama2c_v1(out_path, config, weights)
         errors = {}
     for name, error in sorted(errors.items()):
-        logger.info("max quantization error %-10s %.3e (max |w| %.3e)", name, error, float(np.abs(weights[name]).max()))
+        logger.info(
+            "max quantization error %-10s %.3e (max |w| %.3e)",
+            name,
+            error,
+            float(np.abs(weights[name]).max()),
+        )
     logger.info("wrote %s (%s, %s bytes)", out_path, format, f"{os.path.getsize(out_path):,}")
     return errors

@@ -94,7 +94,9 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def rope_tables(head_size: int, n_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_size: int, n_positions: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return float32 (cos, sin), each (n_positions, head_size / 2), as llama2.c computes them."""
     j = torch.arange(0, head_size, 2, dtype=torch.float32)
     freq = 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float32), j / head_size)
@@ -111,7 +113,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
     """Attend with q (B, Tq, H, hs) over k, v (B, Tk, KV, hs) and return (B, Tq, H * hs).
 
     Query head ``h`` reads kv head ``h // (H / KV)``. ``mask`` (Tq, Tk) is True where
@@ -167,7 +171,9 @@ class Layer(nn.Module):
         v = self.split_heads(self.wv(n), self.args.n_kv_heads)
         return apply_rope(k, cos, sin), v
 
-    def attention_plain(self, xb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attention_plain(
+        self, xb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         T = xb.shape[1]
         cos, sin = rope[0][:T], rope[1][:T]
         q = apply_rope(self.split_heads(self.wq(xb), self.args.n_heads), cos, sin)
@@ -188,7 +194,9 @@ class Layer(nn.Module):
         # Every chunk puts its tokens at positions M..2M-1, so the tables repeat per chunk.
         offsets = torch.arange(T, device=xb.device) % M + M
         q = apply_rope(self.split_heads(self.wq(xb), self.args.n_heads), cos[offsets], sin[offsets])
-        k = apply_rope(self.split_heads(self.wk(xb), self.args.n_kv_heads), cos[offsets], sin[offsets])
+        k = apply_rope(
+            self.split_heads(self.wk(xb), self.args.n_kv_heads), cos[offsets], sin[offsets]
+        )
         v = self.split_heads(self.wv(xb), self.args.n_kv_heads)
 
         if mem is None:
@@ -279,7 +287,9 @@ class Transformer(nn.Module):
         """
         T = tokens.shape[1]
         if self.args.mem_len == 0 and T > self.args.seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the baseline seq_len {self.args.seq_len}")
+            raise ValueError(
+                f"sequence of {T} tokens exceeds the baseline seq_len {self.args.seq_len}"
+            )
         rope = (self.rope_cos, self.rope_sin)
         x = self.tok_embeddings(tokens)
         new_memory: list[torch.Tensor] = []

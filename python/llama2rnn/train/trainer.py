@@ -88,7 +88,11 @@ class TrainConfig:
 
 
 def cosine_phase(
-    step: int, config: TrainConfig, total_steps: int, anchor_step: Optional[int] = None, anchor_phase: float = 0.0
+    step: int,
+    config: TrainConfig,
+    total_steps: int,
+    anchor_step: Optional[int] = None,
+    anchor_phase: float = 0.0,
 ) -> float:
     """Position in the cosine decay, from 0 (peak rate) to 1 (``min_lr``).
 
@@ -139,7 +143,9 @@ def sample_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``batch_size`` random windows of ``seq_len + 1`` tokens as (inputs, targets)."""
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"the token stream ({len(tokens)} tokens) is shorter than seq_len + 1 = {seq_len + 1}")
+        raise ValueError(
+            f"the token stream ({len(tokens)} tokens) is shorter than seq_len + 1 = {seq_len + 1}"
+        )
     rng = np.random.default_rng([seed, rank, step, micro])
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
     windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
@@ -172,7 +178,12 @@ def evaluate(
     total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = starts[rank::world_size]
     for i in range(0, len(mine), batch_size):
-        windows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in mine[i : i + batch_size]])
+        windows = np.stack(
+            [
+                np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64)
+                for s in mine[i : i + batch_size]
+            ]
+        )
         batch = torch.from_numpy(windows).to(device)
         _, loss, _ = model(batch[:, :-1], batch[:, 1:])
         assert loss is not None
@@ -197,7 +208,9 @@ def stream_loss(model: Transformer, tokens: np.ndarray, device: torch.device) ->
     total = 0.0
     count = 0
     for start in range(0, len(tokens) - 1, block):
-        window = torch.from_numpy(np.asarray(tokens[start : start + block + 1], dtype=np.int64)).to(device)
+        window = torch.from_numpy(np.asarray(tokens[start : start + block + 1], dtype=np.int64)).to(
+            device
+        )
         inputs, targets = window[None, :-1], window[None, 1:]
         _, loss, new_memory = model(inputs, targets, memory)
         assert loss is not None
@@ -208,7 +221,11 @@ def stream_loss(model: Transformer, tokens: np.ndarray, device: torch.device) ->
 
 
 def evaluate_split(
-    model: Transformer, data_dir: str | os.PathLike[str], split: str, long_tokens: int, device: torch.device
+    model: Transformer,
+    data_dir: str | os.PathLike[str],
+    split: str,
+    long_tokens: int,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Loss of a split read as one stream, and of its conversations longer than ``long_tokens``.
 
@@ -218,7 +235,11 @@ def evaluate_split(
     tokens = read_tokens(data_dir, split)
     index = read_index(data_dir, split)
     total, count = stream_loss(model, tokens, device)
-    result: dict[str, Any] = {"split": split, "stream_tokens": count, "stream_loss": total / max(count, 1)}
+    result: dict[str, Any] = {
+        "split": split,
+        "stream_tokens": count,
+        "stream_loss": total / max(count, 1),
+    }
     long_total, long_count, n_long = 0.0, 0, 0
     for start, end in zip(index[:-1], index[1:]):
         if end - start > long_tokens:
@@ -366,7 +387,12 @@ class Planner:
             raise ValueError("set one of max_steps, max_tokens or max_minutes")
 
     def calibrate(
-        self, step: int, elapsed: float, timed_steps: int, timed_seconds: float, announce: bool = True
+        self,
+        step: int,
+        elapsed: float,
+        timed_steps: int,
+        timed_seconds: float,
+        announce: bool = True,
     ) -> None:
         """Fix ``total_steps`` from the steps timed so far and log the plan when ``announce`` is set."""
         seconds_per_step = timed_seconds / max(1, timed_steps)
@@ -389,17 +415,23 @@ class Planner:
     def lr(self, step: int) -> float:
         return lr_at(step, self.config, self.total_steps, self.anchor_step, self.anchor_phase)
 
-    def replan(self, step: int, elapsed: float, seconds_per_step: float, announce: bool = True) -> None:
+    def replan(
+        self, step: int, elapsed: float, seconds_per_step: float, announce: bool = True
+    ) -> None:
         """Refit ``total_steps`` to the budget, given the recent wall time per step (evaluations included)."""
         assert self.total_steps is not None
         remaining = 0.97 * (self.budget - elapsed) - 2 * self.eval_seconds
-        new_total = max(step + 1, self.config.warmup_steps + 1, step + int(remaining / seconds_per_step))
+        new_total = max(
+            step + 1, self.config.warmup_steps + 1, step + int(remaining / seconds_per_step)
+        )
         # Changes under 3% of the remaining steps are noise.
         if abs(new_total - self.total_steps) <= 0.03 * max(1, self.total_steps - step):
             return
         old_total = self.total_steps
         if step >= self.config.warmup_steps:
-            self.anchor_phase = cosine_phase(step, self.config, self.total_steps, self.anchor_step, self.anchor_phase)
+            self.anchor_phase = cosine_phase(
+                step, self.config, self.total_steps, self.anchor_step, self.anchor_phase
+            )
             self.anchor_step = step
         self.total_steps = new_total
         self.tokens_per_second = self.tokens_per_step / seconds_per_step
@@ -455,7 +487,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         }
         set_rng_state(state["rng"])
         if runtime.is_main:
-            logger.info("resumed %s at step %d (%.1f minutes trained)", ckpt_path, step, elapsed_before / 60)
+            logger.info(
+                "resumed %s at step %d (%.1f minutes trained)", ckpt_path, step, elapsed_before / 60
+            )
 
     raw_model = model
     if runtime.world_size > 1:
@@ -463,7 +497,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             model, device_ids=[runtime.local_rank] if use_cuda else None
         )
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and torch.cuda.is_bf16_supported() else contextlib.nullcontext()
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if use_cuda and torch.cuda.is_bf16_supported()
+        else contextlib.nullcontext()
     )
 
     if runtime.is_main:
@@ -484,13 +520,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     def run_eval() -> float:
         with autocast:
-            return evaluate(raw_model, val_tokens, starts, config.batch_size, device, runtime.rank, runtime.world_size)
+            return evaluate(
+                raw_model,
+                val_tokens,
+                starts,
+                config.batch_size,
+                device,
+                runtime.rank,
+                runtime.world_size,
+            )
 
     t0 = time.monotonic()
     val_loss = run_eval()
     eval_seconds = time.monotonic() - t0
     if runtime.is_main:
-        logger.info("step %d: validation loss %.4f (%d windows, %.1fs)", step, val_loss, len(starts), eval_seconds)
+        logger.info(
+            "step %d: validation loss %.4f (%d windows, %.1fs)",
+            step,
+            val_loss,
+            len(starts),
+            eval_seconds,
+        )
 
     planner = Planner(config, tokens_per_step, eval_seconds)
     if schedule is not None and planner.adaptive:
@@ -555,9 +605,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
         loss_sum = 0.0
         for micro in range(config.grad_accum):
             inputs, targets = sample_batch(
-                train_tokens, config.batch_size, config.seq_len, config.seed, runtime.rank, step, micro
+                train_tokens,
+                config.batch_size,
+                config.seq_len,
+                config.seed,
+                runtime.rank,
+                step,
+                micro,
             )
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            inputs, targets = (
+                inputs.to(device, non_blocking=True),
+                targets.to(device, non_blocking=True),
+            )
             sync = micro == config.grad_accum - 1 or runtime.world_size == 1
             no_sync = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
             with no_sync, autocast:
@@ -581,7 +640,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 timed, now_elapsed = all_max(runtime, [time.monotonic() - timed_start, elapsed()])
                 if timed >= planner.calibrate_seconds:
                     planner.calibrate(
-                        step, now_elapsed, step - timed_from - calibration_skip, timed, runtime.is_main
+                        step,
+                        now_elapsed,
+                        step - timed_from - calibration_skip,
+                        timed,
+                        runtime.is_main,
                     )
                     mark_time, mark_step = time.monotonic(), step
 
@@ -609,16 +672,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 format_seconds(elapsed()),
                 left_text,
             )
-            write_metrics({"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss, "lr": lr, "elapsed": elapsed()})
+            write_metrics(
+                {
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    "elapsed": elapsed(),
+                }
+            )
 
         if step % config.eval_interval == 0 and step != planner.total_steps:
             val_loss = run_eval()
             if runtime.is_main:
                 logger.info("step %d: validation loss %.4f", step, val_loss)
-                write_metrics({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss, "elapsed": elapsed()})
+                write_metrics(
+                    {
+                        "step": step,
+                        "tokens": step * tokens_per_step,
+                        "val_loss": val_loss,
+                        "elapsed": elapsed(),
+                    }
+                )
             if planner.adaptive and planner.total_steps is not None and step > mark_step:
                 now = time.monotonic()
-                per_step, now_elapsed = all_max(runtime, [(now - mark_time) / (step - mark_step), elapsed()])
+                per_step, now_elapsed = all_max(
+                    runtime, [(now - mark_time) / (step - mark_step), elapsed()]
+                )
                 planner.replan(step, now_elapsed, per_step, runtime.is_main)
                 mark_time, mark_step = now, step
         if step % config.checkpoint_interval == 0:
@@ -653,7 +733,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
             format_seconds(elapsed()),
             val_loss,
         )
-        write_metrics({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss, "elapsed": elapsed(), "final": True})
+        write_metrics(
+            {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "val_loss": val_loss,
+                "elapsed": elapsed(),
+                "final": True,
+            }
+        )
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if runtime.world_size > 1:
         dist.barrier()
