@@ -164,13 +164,29 @@ impl QuantizedVec {
                 0.0
             };
             self.scales.push(scale);
-            // f32::round rounds half away from zero. Multiplying by the reciprocal can differ
-            // from dividing in the last bit, so divide, as the weight quantizer does.
+            // Multiplying by the reciprocal can differ from dividing in the last bit, so
+            // divide, as the weight quantizer does.
             self.q.extend(group.iter().map(|&v| {
                 let scaled = if inv == 0.0 { 0.0 } else { v / scale };
-                scaled.round().clamp(-Q_MAX, Q_MAX) as i8
+                round_half_away(scaled.clamp(-Q_MAX, Q_MAX)) as i8
             }));
         }
+    }
+}
+
+/// Rounds half away from zero, as `f32::round` does, without its libm call (the portable
+/// x86-64 target has no rounding instruction). `v` must lie within the i32 range; the
+/// quantizer clamps to +-127 first. `v - trunc(v)` is exact, so the tie test is too.
+#[inline]
+fn round_half_away(v: f32) -> i32 {
+    let truncated = v as i32;
+    let fraction = v - truncated as f32;
+    if fraction >= 0.5 {
+        truncated + 1
+    } else if fraction <= -0.5 {
+        truncated - 1
+    } else {
+        truncated
     }
 }
 

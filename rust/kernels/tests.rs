@@ -153,3 +153,25 @@ fn from_name_rejects_unknown_path() {
         KernelPath::Generic
     );
 }
+
+#[test]
+fn round_half_away_matches_f32_round() {
+    let mut rng = Lcg(11);
+    let special = [
+        0.5f32,
+        -0.5,
+        1.5,
+        -1.5,
+        0.49999997,
+        -0.49999997,
+        126.5,
+        -126.5,
+        127.0,
+        0.0,
+        -0.0,
+    ];
+    let random = (0..100_000).map(|_| rng.unit() * 127.0);
+    for v in special.into_iter().chain(random) {
+        assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+    }
+}

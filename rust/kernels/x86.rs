@@ -103,11 +103,63 @@ unsafe fn group_vnni(w: *const i8, x: *const i8, gs: usize) -> __m256i {
     acc
 }
 
-/// The row loop shared by both paths: eight groups at a time, their sums transposed into
-/// one vector so that lane k holds group g0 + k, scaled and added to the lane accumulators;
-/// the leftover groups go through the scalar lane step.
+/// Loads `N` consecutive f32 from `p` into lanes 0..N and zeros the rest.
+///
+/// # Safety
+/// `p` must be valid for `N` reads.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_lanes<const N: usize>(p: *const f32) -> __m256 {
+    if N == LANES {
+        // SAFETY: the caller guarantees eight readable floats.
+        return unsafe { _mm256_loadu_ps(p) };
+    }
+    let lane = |k: i32| if (k as usize) < N { -1 } else { 0 };
+    let mask = _mm256_setr_epi32(
+        lane(0),
+        lane(1),
+        lane(2),
+        lane(3),
+        lane(4),
+        lane(5),
+        lane(6),
+        lane(7),
+    );
+    // SAFETY: masked-off lanes are not read, so only N floats need to be valid.
+    unsafe { _mm256_maskload_ps(p, mask) }
+}
+
+/// The row loop shared by both paths: blocks of eight groups, their sums transposed into one
+/// vector so that lane k holds group g0 + k, scaled and added to the lane accumulators. The
+/// last block may hold fewer groups; its absent lanes add +0.0, which leaves every lane
+/// unchanged (a lane starts at +0.0 and so can never be -0.0).
 macro_rules! matvec_rows {
-    ($name:ident, $features:literal, $group:ident) => {
+    ($name:ident, $block:ident, $features:literal, $group:ident) => {
+        /// Scaled sums of `N` groups (lanes 0..N; the rest are zero).
+        ///
+        /// # Safety
+        /// The CPU must support the target features; `w` and `x` must hold `N * gs` bytes and
+        /// `ws` and `xs` `N` scales.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $block<const N: usize>(
+            w: *const i8,
+            x: *const i8,
+            ws: *const f32,
+            xs: *const f32,
+            gs: usize,
+        ) -> __m256 {
+            let mut sums = [_mm256_setzero_si256(); LANES];
+            for (k, sum) in sums.iter_mut().enumerate().take(N) {
+                // SAFETY: group k of the block is inside both arrays (caller's guarantee).
+                *sum = unsafe { $group(w.add(k * gs), x.add(k * gs), gs) };
+            }
+            let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
+            // SAFETY: N scales are readable at both pointers (caller's guarantee).
+            let (ws, xs) = unsafe { (load_lanes::<N>(ws), load_lanes::<N>(xs)) };
+            _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs)
+        }
+
         /// `GS` is the group size when known at compile time (so the group loop unrolls),
         /// or 0 to read it from `x`.
         ///
@@ -124,52 +176,36 @@ macro_rules! matvec_rows {
             let gs = if GS == 0 { x.group_size } else { GS };
             let groups = cols / gs;
             let full = groups - groups % LANES;
+            let (xq, xs) = (x.q.as_ptr(), x.scales.as_ptr());
             for (r, o) in out.iter_mut().enumerate() {
-                let row = &w_q[r * cols..(r + 1) * cols];
-                let row_scales = &w_scales[r * groups..(r + 1) * groups];
+                let row = w_q[r * cols..(r + 1) * cols].as_ptr();
+                let ws = w_scales[r * groups..(r + 1) * groups].as_ptr();
                 let mut acc = _mm256_setzero_ps();
-                for g0 in (0..full).step_by(LANES) {
-                    // SAFETY: groups g0..g0 + 8 lie inside the row and inside x.q.
-                    let mut sums = [_mm256_setzero_si256(); LANES];
-                    for (k, sum) in sums.iter_mut().enumerate() {
-                        *sum = unsafe {
-                            $group(
-                                row.as_ptr().add((g0 + k) * gs),
-                                x.q.as_ptr().add((g0 + k) * gs),
-                                gs,
-                            )
-                        };
+                // SAFETY: every block below covers groups inside the row, x.q and both
+                // scale slices, whose lengths the slicing above checked.
+                unsafe {
+                    for g0 in (0..full).step_by(LANES) {
+                        let (w, q) = (row.add(g0 * gs), xq.add(g0 * gs));
+                        let sum = $block::<LANES>(w, q, ws.add(g0), xs.add(g0), gs);
+                        acc = _mm256_add_ps(acc, sum);
                     }
-                    let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
-                    // SAFETY: g0 + 8 <= groups scales in both slices.
-                    let (ws, xs) = unsafe {
-                        (
-                            _mm256_loadu_ps(row_scales.as_ptr().add(g0)),
-                            _mm256_loadu_ps(x.scales.as_ptr().add(g0)),
-                        )
+                    let (w, q, ws, xs) = (
+                        row.add(full * gs),
+                        xq.add(full * gs),
+                        ws.add(full),
+                        xs.add(full),
+                    );
+                    let tail = match groups - full {
+                        0 => _mm256_setzero_ps(),
+                        1 => $block::<1>(w, q, ws, xs, gs),
+                        2 => $block::<2>(w, q, ws, xs, gs),
+                        3 => $block::<3>(w, q, ws, xs, gs),
+                        4 => $block::<4>(w, q, ws, xs, gs),
+                        5 => $block::<5>(w, q, ws, xs, gs),
+                        6 => $block::<6>(w, q, ws, xs, gs),
+                        _ => $block::<7>(w, q, ws, xs, gs),
                     };
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs));
-                }
-                // Leftover groups: absent ones add +0.0, which leaves every lane unchanged
-                // (a lane starts at +0.0 and so can never be -0.0).
-                let rest = groups - full;
-                if rest > 0 {
-                    let mut sums = [_mm256_setzero_si256(); LANES];
-                    for (k, sum) in sums.iter_mut().enumerate().take(rest) {
-                        let g = full + k;
-                        // SAFETY: group g lies inside the row and inside x.q.
-                        *sum = unsafe {
-                            $group(row.as_ptr().add(g * gs), x.q.as_ptr().add(g * gs), gs)
-                        };
-                    }
-                    let (mut ws, mut xs) = ([0.0f32; LANES], [0.0f32; LANES]);
-                    ws[..rest].copy_from_slice(&row_scales[full..]);
-                    xs[..rest].copy_from_slice(&x.scales[full..groups]);
-                    let isums = _mm256_cvtepi32_ps(transpose_sum(&sums));
-                    // SAFETY: both arrays hold eight f32.
-                    let (ws, xs) =
-                        unsafe { (_mm256_loadu_ps(ws.as_ptr()), _mm256_loadu_ps(xs.as_ptr())) };
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(isums, ws), xs));
+                    acc = _mm256_add_ps(acc, tail);
                 }
                 *o = hsum_ps(acc);
             }
@@ -177,9 +213,10 @@ macro_rules! matvec_rows {
     };
 }
 
-matvec_rows!(matvec_q8_avx2_rows, "avx2", group_avx2);
+matvec_rows!(matvec_q8_avx2_rows, block_avx2, "avx2", group_avx2);
 matvec_rows!(
     matvec_q8_vnni_rows,
+    block_vnni,
     "avx2,avx512f,avx512bw,avx512vl,avx512vnni",
     group_vnni
 );
