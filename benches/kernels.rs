@@ -60,9 +60,48 @@ fn matvec(c: &mut Criterion) {
     }
 }
 
+/// A memory update or prefill batch: 128 activation vectors against one weight matrix.
+fn matmul(c: &mut Criterion) {
+    let (gs, n) = (32, 128);
+    for &(model, name, rows, cols) in &SHAPES[..3] {
+        let w_q = pseudo_random_bytes(rows * cols, 1);
+        let w_scales = vec![0.01f32; rows * cols / gs];
+        let xs: Vec<QuantizedVec> = (0..n as u64)
+            .map(|i| {
+                let x: Vec<f32> = pseudo_random_bytes(cols, 2 + i)
+                    .iter()
+                    .map(|&v| v as f32 / 64.0)
+                    .collect();
+                let mut xq = QuantizedVec::with_capacity(cols, gs);
+                xq.quantize_from(&x);
+                xq
+            })
+            .collect();
+        let mut out = vec![0.0f32; rows * n];
+        let mut shifted = Vec::new();
+        let mut group = c.benchmark_group(format!("matmul_q8/{model}/{name}_{rows}x{cols}x{n}"));
+        group.throughput(Throughput::Elements((rows * cols * n) as u64));
+        for path in KernelPath::supported() {
+            group.bench_function(path.name(), |b| {
+                b.iter(|| {
+                    path.matmul_q8(
+                        black_box(&mut out),
+                        rows,
+                        &w_q,
+                        &w_scales,
+                        black_box(&xs),
+                        &mut shifted,
+                    )
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = matvec
+    targets = matvec, matmul
 }
 criterion_main!(benches);

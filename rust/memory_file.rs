@@ -34,7 +34,7 @@ pub const MAGIC: &[u8; 8] = b"L2RNMEM\0";
 pub const VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 128;
 
-/// What the front end keeps with the state.
+/// Front-end data saved with the state: the sampler and the last token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionInfo {
     pub rng_state: u64,

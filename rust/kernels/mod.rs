@@ -16,6 +16,8 @@
 mod generic;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_matmul;
 
 use crate::error::{Error, Result};
 
@@ -118,6 +120,38 @@ impl KernelPath {
             KernelPath::Avx512Vnni => unsafe { x86::matvec_q8_avx512vnni(out, w_q, w_scales, x) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => generic::matvec_q8(out, w_q, w_scales, x),
+        }
+    }
+}
+
+impl KernelPath {
+    /// `out[b * stride + r] = dot(w row r, xs[b])` for the rows starting at `w_q` and every
+    /// input in `xs`, all quantized with one group size. `shifted` is scratch space.
+    pub fn matmul_q8(
+        self,
+        out: &mut [f32],
+        stride: usize,
+        w_q: &[i8],
+        w_scales: &[f32],
+        xs: &[QuantizedVec],
+        shifted: &mut Vec<u8>,
+    ) {
+        let Some(first) = xs.first() else { return };
+        let rows = w_q.len() / first.q.len();
+        assert!(
+            out.len() >= (xs.len() - 1) * stride + rows,
+            "matmul output too short"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self == KernelPath::Avx512Vnni && first.group_size % 32 == 0 {
+            // SAFETY: the path was checked against the CPU when it was constructed, the group
+            // size is a multiple of 32 and the output length was asserted above.
+            unsafe { x86_matmul::matmul_q8_avx512vnni(out, stride, w_q, w_scales, xs, shifted) };
+            return;
+        }
+        let _ = shifted;
+        for (b, x) in xs.iter().enumerate() {
+            self.matvec_q8(&mut out[b * stride..b * stride + rows], w_q, w_scales, x);
         }
     }
 }

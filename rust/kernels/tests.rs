@@ -175,3 +175,50 @@ fn round_half_away_matches_f32_round() {
         assert_eq!(round_half_away(v), v.round() as i32, "{v}");
     }
 }
+
+#[test]
+fn matmul_matches_generic_matvec_bit_for_bit() {
+    let mut rng = Lcg(99);
+    for &(rows, cols, gs) in &[
+        (5, 288, 32),
+        (3, 768, 64),
+        (4, 416, 32),
+        (2, 96, 32),
+        (3, 48, 16),
+    ] {
+        let (w_q, w_s, _) = random_case(&mut rng, rows, cols, gs);
+        for n in [1, 2, 3, 5] {
+            let xs: Vec<QuantizedVec> = (0..n)
+                .map(|_| {
+                    let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 2.0).collect();
+                    let mut xq = QuantizedVec::with_capacity(cols, gs);
+                    xq.quantize_from(&x);
+                    xq
+                })
+                .collect();
+            let stride = rows + 3; // the output rows of one input need not be contiguous
+            let mut expected = vec![0.0f32; n * stride];
+            for (b, x) in xs.iter().enumerate() {
+                KernelPath::Generic.matvec_q8(
+                    &mut expected[b * stride..b * stride + rows],
+                    &w_q,
+                    &w_s,
+                    x,
+                );
+            }
+            for path in KernelPath::supported() {
+                let mut out = vec![0.0f32; n * stride];
+                path.matmul_q8(&mut out, stride, &w_q, &w_s, &xs, &mut Vec::new());
+                let same = out
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{} differs for {rows}x{cols} gs {gs}, {n} inputs",
+                    path.name()
+                );
+            }
+        }
+    }
+}

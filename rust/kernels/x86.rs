@@ -14,7 +14,7 @@ use super::{QuantizedVec, LANES};
 /// The eight lanes summed in the order of `generic::sum_lanes`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum_ps(v: __m256) -> f32 {
+pub(super) fn hsum_ps(v: __m256) -> f32 {
     let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half)); // h0 + h2, h1 + h3
     _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 0b01)))
@@ -23,7 +23,7 @@ fn hsum_ps(v: __m256) -> f32 {
 /// Lane k of the result is the sum of the lanes of `v[k]`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn transpose_sum(v: &[__m256i; LANES]) -> __m256i {
+pub(super) fn transpose_sum(v: &[__m256i; LANES]) -> __m256i {
     let s01 = _mm256_hadd_epi32(v[0], v[1]);
     let s23 = _mm256_hadd_epi32(v[2], v[3]);
     let s45 = _mm256_hadd_epi32(v[4], v[5]);
@@ -109,7 +109,7 @@ unsafe fn group_vnni(w: *const i8, x: *const i8, gs: usize) -> __m256i {
 /// `p` must be valid for `N` reads.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load_lanes<const N: usize>(p: *const f32) -> __m256 {
+pub(super) unsafe fn load_lanes<const N: usize>(p: *const f32) -> __m256 {
     if N == LANES {
         // SAFETY: the caller guarantees eight readable floats.
         return unsafe { _mm256_loadu_ps(p) };

@@ -16,6 +16,12 @@ const MIN_ROWS_PER_TASK: usize = 16;
 /// Rows of W kept hot in cache while every input of a batch passes over them.
 const ROW_BLOCK: usize = 32;
 
+thread_local! {
+    /// Scratch of the matrix-matrix kernel, one per thread, allocated on first use so that
+    /// memory updates on the decode path do not allocate.
+    static SHIFTED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Transformer {
     /// Quantizes `x` into `xq` when the weights are Q8_0 (a no-op for fp32 checkpoints).
     pub(super) fn prepare(&self, x: &[f32], xq: &mut QuantizedVec) {
@@ -67,6 +73,21 @@ impl Transformer {
         let (rows, cols) = (w.rows, w.cols);
         for start in (0..rows).step_by(ROW_BLOCK) {
             let end = (start + ROW_BLOCK).min(rows);
+            if let MatrixData::Q8 {
+                q,
+                scales,
+                group_size,
+            } = w.data
+            {
+                let span = start * cols..end * cols;
+                let scale_span = span.start / group_size..span.end / group_size;
+                SHIFTED.with_borrow_mut(|shifted| {
+                    let (q, scales) = (&q[span], &scales[scale_span]);
+                    self.kernel
+                        .matmul_q8(&mut out[start..], rows, q, scales, xq, shifted)
+                });
+                continue;
+            }
             for (b, xq) in xq.iter().enumerate() {
                 let out = &mut out[b * rows + start..b * rows + end];
                 self.matvec_rows(out, w, start, &x[b * cols..(b + 1) * cols], xq);

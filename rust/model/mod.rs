@@ -118,7 +118,7 @@ impl Transformer {
         self.threads
     }
 
-    /// A fresh state: for memory models, the initial memory `ori_mem` already turned into
+    /// Creates a fresh state: for memory models, the initial memory `ori_mem` already turned into
     /// memory keys/values.
     pub fn new_state(&self) -> Result<State> {
         let mut state = State::new(self.config(), self.weights.group_size.unwrap_or(1))?;

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::QuantizedVec;
 
-/// What a model has consumed so far. For a memory model the first four fields are the whole
+/// The running state of a model. For a memory model the first four fields are the whole
 /// recurrent state; the scratch buffers carry nothing between tokens.
 pub struct State {
     /// Tokens consumed since the state was created or reset.
