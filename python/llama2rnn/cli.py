@@ -11,6 +11,7 @@ from typing import Sequence
 from . import _llama2rnn
 from . import memory as memory_store
 from .chat_cli import add_chat_commands
+from .eval_cli import add_eval_command
 from .model import DEFAULT_CHECKPOINT, Model, find_tokenizer
 from .tokenizer import TokenizerError
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=run_info)
 
     add_chat_commands(commands, add_model_options, add_sampling_options)
+    add_eval_command(commands)
     add_memory_commands(commands)
     return parser
 
