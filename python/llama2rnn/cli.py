@@ -214,6 +214,11 @@ def generate_text(model: Model, args: argparse.Namespace) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     path = args.model if args.model is not None else DEFAULT_CHECKPOINT
+    if args.model is None and not path.is_file():
+        raise FileNotFoundError(
+            f"the built-in default model is missing from this installation ({path}); "
+            "pass a checkpoint path or reinstall llama2rnn"
+        )
     engine = _llama2rnn.Engine(str(path), threads=1)
     config = engine.config
     kind = "Llama2RNN memory model" if config["mem_len"] else "plain llama2.c model"
