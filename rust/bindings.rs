@@ -52,7 +52,11 @@ fn to_py(err: Error) -> PyErr {
             // " (os error N)" to the system's text, which the errno already gives.
             let text = source.to_string();
             let strerror = text.split(" (os error").next().unwrap_or(&text).to_owned();
-            let args = (source.raw_os_error().unwrap_or(0), strerror, path.display().to_string());
+            let args = (
+                source.raw_os_error().unwrap_or(0),
+                strerror,
+                path.display().to_string(),
+            );
             match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
                 std::io::ErrorKind::IsADirectory => PyIsADirectoryError::new_err(args),

@@ -1,7 +1,7 @@
 //! The forward pass of one token.
 
+use super::attention::attention;
 use super::ops::{add_in_place, rmsnorm, swiglu};
-use super::prefill::attention;
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
 

@@ -1,5 +1,6 @@
 //! The transformer: weights, kernel path and threads, and the forward pass over a [`State`].
 
+mod attention;
 mod forward;
 mod matmul;
 mod memory;

@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::ops::{add_in_place, dot, rmsnorm, softmax, swiglu};
+use super::attention::attention;
+use super::ops::{add_in_place, rmsnorm, swiglu};
 use super::state::batch_rows;
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
@@ -181,37 +182,5 @@ impl Transformer {
         rmsnorm(&mut scratch.xb, last, self.weights.rms_final);
         self.prepare(&scratch.xb, &mut scratch.xq);
         self.matvec(s, &self.weights.wcls, &scratch.xb, &scratch.xq);
-    }
-}
-
-/// Multi-head attention of one query over window rows `0..=row`, written to `out` (dim).
-pub(super) fn attention(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    row: usize,
-    c: &crate::config::Config,
-    out: &mut [f32],
-    scores: &mut [f32],
-) {
-    let (head_size, kv_dim) = (c.head_size(), c.kv_dim());
-    let scale = 1.0 / (head_size as f32).sqrt();
-    for h in 0..c.n_heads {
-        let q = &q[h * head_size..(h + 1) * head_size];
-        let kv_offset = (h / c.kv_mul()) * head_size;
-        let scores = &mut scores[..=row];
-        for (t, score) in scores.iter_mut().enumerate() {
-            let k = t * kv_dim + kv_offset;
-            *score = dot(q, &keys[k..k + head_size]) * scale;
-        }
-        softmax(scores);
-        let out = &mut out[h * head_size..(h + 1) * head_size];
-        out.fill(0.0);
-        for (t, &weight) in scores.iter().enumerate() {
-            let v = t * kv_dim + kv_offset;
-            for (o, &vi) in out.iter_mut().zip(&values[v..v + head_size]) {
-                *o += weight * vi;
-            }
-        }
     }
 }
