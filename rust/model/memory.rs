@@ -2,7 +2,8 @@
 
 use std::ops::Range;
 
-use super::ops::{add_in_place, rmsnorm, swiglu};
+use super::ffn::{Ffn, FfnBuffers};
+use super::ops::rmsnorm;
 use super::{State, Transformer};
 
 impl Transformer {
@@ -11,7 +12,7 @@ impl Transformer {
     /// `k, v = wk n, wv n` with `n = rmsnorm(m, rms_mem)`, and RoPE on k at the slot index.
     pub(super) fn update_memory(&self, state: &mut State, l: usize, slots: Range<usize>) {
         let c = *self.config();
-        let (dim, hidden, kv_dim) = (c.dim, c.hidden_dim, c.kv_dim());
+        let (dim, kv_dim) = (c.dim, c.kv_dim());
         let layer = &self.weights.layers[l];
         let weights = layer
             .memory
@@ -33,23 +34,20 @@ impl Transformer {
         b.a[..n * dim].copy_from_slice(&mem[first..first + n * dim]);
 
         // Memory FFN on rmsnorm(m, rms_mff), added to m.
-        for i in 0..n {
-            rmsnorm(
-                &mut b.b[i * dim..(i + 1) * dim],
-                &b.a[i * dim..(i + 1) * dim],
-                weights.rms_mff,
-            );
-            self.prepare(&b.b[i * dim..(i + 1) * dim], &mut b.aq[i]);
-        }
-        self.matmul(&mut b.h1, &weights.aw1, &b.b, &b.aq, n);
-        self.matmul(&mut b.h3, &weights.aw3, &b.b, &b.aq, n);
-        for i in 0..n {
-            let span = i * hidden..(i + 1) * hidden;
-            swiglu(&mut b.h1[span.clone()], &b.h3[span.clone()]);
-            self.prepare(&b.h1[span], &mut b.hq[i]);
-        }
-        self.matmul(&mut b.b, &weights.aw2, &b.h1, &b.hq, n);
-        add_in_place(&mut b.a[..n * dim], &b.b[..n * dim]);
+        let ffn = Ffn {
+            norm: weights.rms_mff,
+            w1: &weights.aw1,
+            w2: &weights.aw2,
+            w3: &weights.aw3,
+        };
+        let buffers = FfnBuffers {
+            normed: &mut b.b,
+            h1: &mut b.h1,
+            h3: &mut b.h3,
+            aq: &mut b.aq,
+            hq: &mut b.hq,
+        };
+        self.ffn_batch(&ffn, &mut b.a, n, buffers);
 
         // n = rmsnorm(m, rms_mem), then keys and values through the layer's own wk and wv.
         for i in 0..n {

@@ -1,6 +1,7 @@
 //! The transformer: weights, kernel path and threads, and the forward pass over a [`State`].
 
 mod attention;
+mod ffn;
 mod forward;
 mod matmul;
 mod memory;

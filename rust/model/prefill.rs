@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use super::attention::attention;
-use super::ops::{add_in_place, rmsnorm, swiglu};
+use super::ffn::{Ffn, FfnBuffers};
+use super::ops::{add_in_place, rmsnorm};
 use super::state::batch_rows;
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
@@ -77,7 +78,7 @@ impl Transformer {
         chunk_pos: usize,
     ) {
         let c = *self.config();
-        let (dim, hidden, kv_dim) = (c.dim, c.hidden_dim, c.kv_dim());
+        let (dim, kv_dim) = (c.dim, c.kv_dim());
         let n = tokens.len();
         let rows = c.cache_rows();
         let State {
@@ -157,23 +158,20 @@ impl Transformer {
             add_in_place(&mut b.x[..n * dim], &b.b[..n * dim]);
 
             // SwiGLU feed-forward and residual.
-            for i in 0..n {
-                rmsnorm(
-                    &mut b.a[i * dim..(i + 1) * dim],
-                    &b.x[i * dim..(i + 1) * dim],
-                    layer.rms_ffn,
-                );
-                self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
-            }
-            self.matmul(&mut b.h1, &layer.w1, &b.a, &b.aq, n);
-            self.matmul(&mut b.h3, &layer.w3, &b.a, &b.aq, n);
-            for i in 0..n {
-                let span = i * hidden..(i + 1) * hidden;
-                swiglu(&mut b.h1[span.clone()], &b.h3[span.clone()]);
-                self.prepare(&b.h1[span], &mut b.hq[i]);
-            }
-            self.matmul(&mut b.b, &layer.w2, &b.h1, &b.hq, n);
-            add_in_place(&mut b.x[..n * dim], &b.b[..n * dim]);
+            let ffn = Ffn {
+                norm: layer.rms_ffn,
+                w1: &layer.w1,
+                w2: &layer.w2,
+                w3: &layer.w3,
+            };
+            let buffers = FfnBuffers {
+                normed: &mut b.a,
+                h1: &mut b.h1,
+                h3: &mut b.h3,
+                aq: &mut b.aq,
+                hq: &mut b.hq,
+            };
+            self.ffn_batch(&ffn, &mut b.x, n, buffers);
         }
 
         // Logits of the last token only: nothing reads the others.
