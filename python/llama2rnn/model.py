@@ -10,8 +10,8 @@ from typing import Iterator, Union
 import numpy as np
 
 from . import _llama2rnn
-from . import memory as memory_store
 from . import chat as chat_template
+from . import memory as memory_store
 from .checkpoint import Config
 from .memory import MemorySnapshot, MemoryWriter
 from .tokenizer import BaseTokenizer, TokenizerError, load_tokenizer
