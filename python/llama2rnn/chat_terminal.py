@@ -70,6 +70,12 @@ def run_command(chat: Chat, session: PromptSession, line: str) -> bool:
     return True
 
 
+# Control characters the model emits (through byte tokens) are dropped before printing, so
+# that an answer cannot move the cursor, clear the screen or retitle the terminal.
+# Newlines and tabs stay.
+_TERMINAL_CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+
+
 def answer(chat: Chat, message: str) -> None:
     print("Assistant: ", end="", flush=True)
     stream = None
@@ -77,7 +83,7 @@ def answer(chat: Chat, message: str) -> None:
         # Ctrl-C while the user's turn is fed (a long paste) also stops the answer.
         stream = chat.answer(message)
         for piece in stream:
-            print(piece, end="", flush=True)
+            print(piece.translate(_TERMINAL_CONTROLS), end="", flush=True)
         print()
     except KeyboardInterrupt:
         if stream is not None:
