@@ -38,7 +38,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="worker threads (default: LLAMA2RNN_THREADS, else the CPUs available)",
+        help="worker threads (default: LLAMA2RNN_THREADS, else 1 for checkpoints under 64 MiB "
+        "and the CPUs available for larger ones)",
     )
     parser.add_argument(
         "--mode",

@@ -122,7 +122,8 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="worker threads (default: LLAMA2RNN_THREADS, else the CPUs available)",
+        help="worker threads (default: LLAMA2RNN_THREADS, else 1 for checkpoints under 64 MiB "
+        "and the CPUs available for larger ones)",
     )
     parser.add_argument(
         "--json",

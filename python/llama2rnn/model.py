@@ -23,9 +23,16 @@ DEFAULT_CHECKPOINT = DEFAULT_MODEL_DIR / "model.bin"
 TOKENIZER_NAMES = ("tokenizer.bin", "tokenizer.model")
 
 
-def default_threads() -> int:
-    """Return the thread count used when none is given: `LLAMA2RNN_THREADS`, else the CPUs
-    this process may run on."""
+# Checkpoints smaller than this decode fastest on one thread: their matrices are too small for
+# a hand-off between cores to pay. Measured on a 2-core AMD EPYC (benches/RESULTS.md): the
+# 1.9 MB default model ran 4,000 tokens/s on one thread and 3,700 on two, toy20M (15 MB) the
+# same on both, and 110M (120 MB) 12% faster on two.
+SINGLE_THREAD_MAX_BYTES = 64 * 2**20
+
+
+def default_threads(checkpoint_bytes: int | None = None) -> int:
+    """Return the thread count used when none is given: `LLAMA2RNN_THREADS`, else 1 for a
+    checkpoint under `SINGLE_THREAD_MAX_BYTES`, else the CPUs this process may run on."""
     value = os.environ.get("LLAMA2RNN_THREADS")
     if value:
         try:
@@ -39,6 +46,8 @@ def default_threads() -> int:
                 f"LLAMA2RNN_THREADS={value!r} is invalid: set it to a positive integer"
             )
         return threads
+    if checkpoint_bytes is not None and checkpoint_bytes < SINGLE_THREAD_MAX_BYTES:
+        return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not available on macOS
@@ -113,7 +122,7 @@ class Model:
         else:
             path = Path(checkpoint)
         if threads is None:
-            threads = default_threads()
+            threads = default_threads(path.stat().st_size if path.is_file() else None)
         if kernel is None:
             kernel = os.environ.get("LLAMA2RNN_KERNEL", "auto")
         engine = _llama2rnn.Engine(
