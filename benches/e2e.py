@@ -909,12 +909,12 @@ def update_table(compare: Dict) -> str:
 def report_busy(busy: Dict) -> List[str]:
     rows = []
     for name, by_threads in busy.items():
-        one, two = by_threads.get(1), by_threads.get(2)
+        single, dual = by_threads.get(1), by_threads.get(2)
         for engine in ("llama2rnn", "llama.cpp"):
-            if not one or not one[engine]:
+            if not single or not single[engine]:
                 continue
-            rate1 = summarize(one[engine], "decode_greedy")
-            rate2 = summarize(two[engine], "decode_greedy") if two else None
+            rate1 = summarize(single[engine], "decode_greedy")
+            rate2 = summarize(dual[engine], "decode_greedy") if dual else None
             speedup = rate2 / rate1 if rate1 and rate2 else None
             rows.append([name, engine, fmt(rate1), fmt(rate2), fmt(speedup, 2, "x")])
     return [
@@ -1170,7 +1170,9 @@ def git_commit() -> str:
     try:
         completed = subprocess.run(
             ["git", "-C", str(SCRIPT.parent), "log", "-1", "--format=%h %s"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import numpy as np
-
 from llama2rnn.checkpoint import Config
 
 RMS_NORM_EPS = 1e-5
