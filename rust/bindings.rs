@@ -1,4 +1,4 @@
-//! Python bindings: the only module that sees Python types. The Python package wraps
+//! Python bindings: the only module that uses Python types. The Python package wraps
 //! [`Engine`] in its `Model` class, which adds the tokenizer and text generation.
 
 use std::path::PathBuf;
@@ -203,7 +203,7 @@ impl Engine {
         Ok(PyArray1::from_slice(py, self.state.logits()))
     }
 
-    /// A copy of the logits of the last token fed.
+    /// Returns a copy of the logits of the last token fed.
     fn logits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
         PyArray1::from_slice(py, self.state.logits())
     }
@@ -273,7 +273,7 @@ impl Engine {
         self.model.weights.fingerprint
     }
 
-    /// The whole recurrent state as memory-file bytes, with the sampler state.
+    /// Serializes the whole recurrent state and the sampler state as memory-file bytes.
     #[pyo3(signature = (last_token=None, saved_unix_ms=0))]
     fn save_state<'py>(
         &self,
@@ -324,7 +324,7 @@ impl Engine {
     }
 }
 
-/// The header of memory-file bytes as a dict, checked against its checksum.
+/// Parses the header of memory-file bytes into a dict, after checking the checksum.
 #[pyfunction]
 fn read_memory_header<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyDict>> {
     let h = memory_file::read_header(data).map_err(to_py)?;
@@ -364,7 +364,7 @@ fn supported_kernels() -> Vec<&'static str> {
         .collect()
 }
 
-/// The kernel path picked when none is forced.
+/// Returns the kernel path picked when none is forced.
 #[pyfunction]
 fn detected_kernel() -> &'static str {
     KernelPath::detect().name()

@@ -307,7 +307,7 @@ fn check_len(path: &Path, format: Format, layout: &Layout, file_len: u64) -> Res
     })
 }
 
-/// The message of `e` without its "invalid checkpoint PATH:" prefix, for nesting in another.
+/// Returns the message of `e` without its "invalid checkpoint PATH:" prefix, for nesting in another.
 fn strip_path(e: &Error, path: &Path) -> String {
     let text = e.to_string();
     let prefix = format!("invalid checkpoint {}: ", path.display());

@@ -47,7 +47,7 @@ pub enum Error {
     #[error("invalid memory file: {0}")]
     InvalidMemory(String),
 
-    /// A buffer the header asks for (the key/value cache of a huge seq_len, say) cannot be
+    /// A buffer the header requires (the key/value cache of a huge seq_len, say) cannot be
     /// allocated.
     #[error(
         "cannot allocate {what}: {bytes} bytes; the checkpoint's {field} is too large for \

@@ -21,7 +21,7 @@ pub struct Matrix {
 
 #[derive(Clone, Copy)]
 pub enum MatrixData {
-    /// Q8_0: `q` holds rows*cols int8 values, `scales` one fp32 per `group_size` values.
+    /// Q8_0: `q` contains rows*cols int8 values, `scales` one fp32 per `group_size` values.
     Q8 {
         q: &'static [i8],
         scales: &'static [f32],
@@ -126,7 +126,7 @@ impl Weights {
 ///
 /// NOTE: a sample, not a hash of every byte, so that opening a large model stays cheap. Two
 /// checkpoints that differ only between the samples get the same fingerprint; trained or
-/// random weights differ nearly everywhere, so in practice any other model is told apart.
+/// random weights differ nearly everywhere, so in practice any other model is detected.
 pub fn fingerprint(bytes: &[u8]) -> u64 {
     const SAMPLES: usize = 256;
     const SAMPLE_BYTES: usize = 256;

@@ -670,7 +670,7 @@ def test_read_shows_progress(random_model, tmp_path):
     assert notes_tokens > 1024  # several progress updates
     assert len(re.findall(PROGRESS, error)) >= 2
     assert re.search(rf"notes\.txt: {notes_tokens:,} tokens in [\d.]+ s", error)
-    assert f"now holds {notes_tokens + more_tokens:,} tokens" in error
+    assert f"now contains {notes_tokens + more_tokens:,} tokens" in error
     assert saved_state(random_model, "docs") == (notes_tokens + more_tokens, tok.eos_id)
 
     # Reading again continues the memory.

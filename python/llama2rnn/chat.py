@@ -24,7 +24,7 @@ def format_turn(message: str, system: str | None = None) -> str:
 
 def turn_tokens(model: Model, message: str, system: str | None = None) -> list[int]:
     """Encode a user turn with BOS. The system prompt only goes into the first turn of a
-    fresh memory: once the model has seen anything, the memory already holds it."""
+    fresh memory: once the model has seen anything, the memory already contains it."""
     if not message.strip():
         raise ValueError("the message is empty: type some text")
     first_turn = model.position == 0

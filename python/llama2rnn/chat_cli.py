@@ -152,7 +152,7 @@ def run_read(args: argparse.Namespace) -> int:
         for path, text in texts:
             feed_document(model, text, str(path), progress)
             model.save_memory()
-        print(f"memory {model.memory_path} now holds {model.position:,} tokens", file=sys.stderr)
+        print(f"memory {model.memory_path} now contains {model.position:,} tokens", file=sys.stderr)
     finally:
         model.close_memory()
     return 0

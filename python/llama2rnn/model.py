@@ -200,7 +200,7 @@ class Model:
         seed: int | None = None,
     ) -> Iterator[str]:
         """Like `generate`, yielding text pieces as they are decoded. Every generated token,
-        the final EOS included, is fed back, so the state holds the whole exchange."""
+        the final EOS included, is fed back, so the state contains the whole exchange."""
         if max_tokens < 0:
             raise ValueError(f"max_tokens {max_tokens} is invalid: use 0 or more")
         self._set_sampling(temperature, top_p, seed)
@@ -381,7 +381,7 @@ class Model:
             try:
                 self._engine.feed([token])
             except _llama2rnn.ContextFullError:
-                break  # a plain model ran out of positions: the text so far stands
+                break  # a plain model ran out of positions: keep the text so far
             finally:
                 # Also when Ctrl-C arrives right after the feed: the token is in the state.
                 if self.position > before:

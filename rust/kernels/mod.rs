@@ -49,7 +49,7 @@ impl KernelPath {
         }
     }
 
-    /// Whether this CPU can run the path.
+    /// Returns whether this CPU can run the path.
     pub fn is_supported(self) -> bool {
         match self {
             KernelPath::Generic => true,
@@ -67,7 +67,7 @@ impl KernelPath {
         }
     }
 
-    /// The fastest path this CPU supports.
+    /// Returns the fastest path this CPU supports.
     pub fn detect() -> KernelPath {
         [KernelPath::Avx512Vnni, KernelPath::Avx2]
             .into_iter()
@@ -75,7 +75,7 @@ impl KernelPath {
             .unwrap_or(KernelPath::Generic)
     }
 
-    /// All paths this CPU supports, portable first.
+    /// Returns all paths this CPU supports, portable first.
     pub fn supported() -> Vec<KernelPath> {
         Self::ALL.into_iter().filter(|p| p.is_supported()).collect()
     }

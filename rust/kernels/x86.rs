@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use super::{QuantizedVec, LANES};
 
-/// The eight lanes summed in the order of `generic::sum_lanes`.
+/// Sums the eight lanes in the order of `generic::sum_lanes`.
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn hsum_ps(v: __m256) -> f32 {

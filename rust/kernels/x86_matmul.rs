@@ -159,7 +159,7 @@ pub unsafe fn matmul_q8_avx512vnni(
         let x = |i: usize| shifted[(b + i) * cols..].as_ptr();
         let s = |i: usize| xs[b + i].scales.as_ptr();
         // SAFETY: the caller guarantees the CPU features, the group size and the length of
-        // `out`; each input holds `cols` values and `cols / gs` scales.
+        // `out`; each input has `cols` values and `cols / gs` scales.
         unsafe {
             if count == 2 {
                 rows::<2>(

@@ -4,7 +4,7 @@ use super::ops::{dot, softmax};
 use crate::config::Config;
 
 /// Multi-head attention of one query over window rows `0..=row`, written to `out` (dim).
-/// `scores` holds at least `row + 1` values of scratch.
+/// `scores` must have at least `row + 1` values of scratch.
 pub(super) fn attention(
     q: &[f32],
     keys: &[f32],
@@ -22,7 +22,7 @@ pub(super) fn attention(
     attention_body(q, keys, values, row, c, out, scores)
 }
 
-/// The same code compiled for AVX2, which vectorizes the dot products and the weighted sums
+/// Runs the same code compiled for AVX2, which vectorizes the dot products and the weighted sums
 /// eight floats wide. Without FMA and with the same lane order it returns the same bits.
 ///
 /// # Safety

@@ -123,7 +123,7 @@ impl Transformer {
                     .rotate(&mut key_cache[k..k + kv_dim], first_row + i);
             }
 
-            // Causal attention: token i sees window rows 0..=first_row + i. Tokens are
+            // Causal attention: token i attends to window rows 0..=first_row + i. Tokens are
             // independent here, so they run in parallel, each writing its row of b.a.
             let keys = &key_cache[layer_cache..layer_cache + rows * kv_dim];
             let values = &value_cache[layer_cache..layer_cache + rows * kv_dim];
