@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use llama2rnn::kernels::{KernelPath, QuantizedVec};
+use llama2rnn::kernels::{KernelPath, PackedQ8, QuantizedVec};
 
 /// (model, matrix, rows, cols): rows = outputs, cols = inputs.
 const SHAPES: &[(&str, &str, usize, usize)] = &[
@@ -55,6 +55,15 @@ fn matvec(c: &mut Criterion) {
                     )
                 })
             });
+            if path.packs(gs) {
+                let packed = PackedQ8::new(&w_q, &w_scales, rows, cols, gs);
+                let xs = std::slice::from_ref(&xq);
+                group.bench_function(format!("{}_packed", path.name()), |b| {
+                    b.iter(|| {
+                        path.matmul_packed(black_box(&mut out), 0, &packed, 0..packed.panels(), xs)
+                    })
+                });
+            }
         }
         group.finish();
     }
@@ -78,22 +87,27 @@ fn matmul(c: &mut Criterion) {
             })
             .collect();
         let mut out = vec![0.0f32; rows * n];
-        let mut shifted = Vec::new();
         let mut group = c.benchmark_group(format!("matmul_q8/{model}/{name}_{rows}x{cols}x{n}"));
         group.throughput(Throughput::Elements((rows * cols * n) as u64));
         for path in KernelPath::supported() {
+            // Row-major paths run one matrix-vector product per input.
             group.bench_function(path.name(), |b| {
                 b.iter(|| {
-                    path.matmul_q8(
-                        black_box(&mut out),
-                        rows,
-                        &w_q,
-                        &w_scales,
-                        black_box(&xs),
-                        &mut shifted,
-                    )
+                    for (i, x) in xs.iter().enumerate() {
+                        let out = &mut out[i * rows..(i + 1) * rows];
+                        path.matvec_q8(black_box(out), &w_q, &w_scales, black_box(x));
+                    }
                 })
             });
+            if path.packs(gs) {
+                let packed = PackedQ8::new(&w_q, &w_scales, rows, cols, gs);
+                group.bench_function(format!("{}_packed", path.name()), |b| {
+                    b.iter(|| {
+                        let panels = 0..packed.panels();
+                        path.matmul_packed(black_box(&mut out), rows, &packed, panels, &xs)
+                    })
+                });
+            }
         }
         group.finish();
     }

@@ -1,22 +1,32 @@
 //! Read-only model weights, borrowed from a memory-mapped checkpoint.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use memmap2::Mmap;
 
 use crate::checkpoint::{self, Format, Header, Region};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::{KernelPath, PackedQ8};
 
 #[cfg(target_endian = "big")]
 compile_error!("checkpoints are little-endian and are mapped without conversion");
 
 /// A weight matrix of shape (rows, cols), row-major: `x @ W.T` maps cols inputs to rows outputs.
-#[derive(Clone, Copy)]
 pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub data: MatrixData,
+    /// The Q8_0 weights in the layout of the packed kernels, built on first use so that
+    /// opening a checkpoint stays cheap and paths that do not pack never pay for it.
+    packed: OnceLock<PackedQ8>,
+}
+
+impl Clone for Matrix {
+    fn clone(&self) -> Self {
+        Matrix::new(self.rows, self.cols, self.data)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -31,6 +41,31 @@ pub enum MatrixData {
 }
 
 impl Matrix {
+    pub fn new(rows: usize, cols: usize, data: MatrixData) -> Self {
+        Matrix {
+            rows,
+            cols,
+            data,
+            packed: OnceLock::new(),
+        }
+    }
+
+    /// Returns the packed weights when `kernel` runs this matrix packed, packing on the first
+    /// call.
+    pub fn packed(&self, kernel: KernelPath) -> Option<&PackedQ8> {
+        match self.data {
+            MatrixData::Q8 {
+                q,
+                scales,
+                group_size,
+            } if kernel.packs(group_size) => Some(
+                self.packed
+                    .get_or_init(|| PackedQ8::new(q, scales, self.rows, self.cols, group_size)),
+            ),
+            _ => None,
+        }
+    }
+
     /// Writes row `row` as fp32 into `out` (`cols` values), dequantizing Q8_0.
     pub fn read_row(&self, row: usize, out: &mut [f32]) {
         let range = row * self.cols..(row + 1) * self.cols;
@@ -185,7 +220,7 @@ fn build(header: Header, map: Mmap, fingerprint: u64) -> Weights {
     let embedding = slicer.matrix(layout.embedding, config.vocab_size, dim);
     let wcls = match layout.wcls {
         Some(region) => slicer.matrix(region, config.vocab_size, dim),
-        None => embedding,
+        None => embedding.clone(),
     };
     Weights {
         format,
@@ -260,6 +295,6 @@ impl Slicer {
                 }
             }
         };
-        Matrix { rows, cols, data }
+        Matrix::new(rows, cols, data)
     }
 }

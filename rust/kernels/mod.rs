@@ -14,10 +14,15 @@
 //! front ends).
 
 mod generic;
+mod packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-mod x86_matmul;
+mod x86_packed;
+
+use std::ops::Range;
+
+pub use packed::{PackedQ8, PANEL};
 
 use crate::error::{Error, Result};
 
@@ -125,34 +130,56 @@ impl KernelPath {
 }
 
 impl KernelPath {
-    /// `out[b * stride + r] = dot(w row r, xs[b])` for the rows starting at `w_q` and every
-    /// input in `xs`, all quantized with one group size. `shifted` is scratch space.
-    pub fn matmul_q8(
+    /// Returns whether this path runs on [`PackedQ8`] weights of this group size rather than
+    /// on the row-major ones.
+    pub fn packs(self, group_size: usize) -> bool {
+        self == KernelPath::Avx512Vnni && group_size % 4 == 0
+    }
+
+    /// `out[b * stride + r - first] = dot(w row r, xs[b])` for every row `r` of the panels in
+    /// `panels` and every input, where `first = panels.start * PANEL`. Only for paths that
+    /// [`packs`](Self::packs) the weights' group size.
+    pub fn matmul_packed(
         self,
         out: &mut [f32],
         stride: usize,
-        w_q: &[i8],
-        w_scales: &[f32],
+        w: &PackedQ8,
+        panels: Range<usize>,
         xs: &[QuantizedVec],
-        shifted: &mut Vec<u8>,
     ) {
-        let Some(first) = xs.first() else { return };
-        let rows = w_q.len() / first.q.len();
+        assert!(
+            self.packs(w.group_size),
+            "{} does not run packed weights",
+            self.name()
+        );
+        assert!(
+            panels.start <= panels.end && panels.end <= w.panels(),
+            "panels out of range"
+        );
+        let rows = (panels.end * PANEL)
+            .min(w.rows)
+            .saturating_sub(panels.start * PANEL);
+        if xs.is_empty() || rows == 0 {
+            return;
+        }
         assert!(
             out.len() >= (xs.len() - 1) * stride + rows,
             "matmul output too short"
         );
+        for x in xs {
+            assert!(
+                x.q.len() == w.cols && x.group_size == w.group_size,
+                "input shape mismatch"
+            );
+        }
         #[cfg(target_arch = "x86_64")]
-        if self == KernelPath::Avx512Vnni && first.group_size % 32 == 0 {
-            // SAFETY: the path was checked against the CPU when it was constructed, the group
-            // size is a multiple of 32 and the output length was asserted above.
-            unsafe { x86_matmul::matmul_q8_avx512vnni(out, stride, w_q, w_scales, xs, shifted) };
-            return;
+        // SAFETY: `packs` holds, so this is the AVX-512 VNNI path, which was checked against
+        // the CPU when it was constructed; the shapes and lengths were asserted above.
+        unsafe {
+            x86_packed::matmul_packed(out, stride, w, panels, xs)
         }
-        let _ = shifted;
-        for (b, x) in xs.iter().enumerate() {
-            self.matvec_q8(&mut out[b * stride..b * stride + rows], w_q, w_scales, x);
-        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("only x86-64 paths pack weights")
     }
 }
 
@@ -168,6 +195,8 @@ pub use generic::dot_f32;
 pub struct QuantizedVec {
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
+    /// The sum of each group's int8 values, for the correction of the packed kernels.
+    pub sums: Vec<i32>,
     pub group_size: usize,
 }
 
@@ -176,6 +205,7 @@ impl QuantizedVec {
         QuantizedVec {
             q: Vec::with_capacity(len),
             scales: Vec::with_capacity(len / group_size.max(1)),
+            sums: Vec::with_capacity(len / group_size.max(1)),
             group_size,
         }
     }
@@ -186,6 +216,7 @@ impl QuantizedVec {
         debug_assert!(gs > 0 && x.len() % gs == 0);
         self.q.clear();
         self.scales.clear();
+        self.sums.clear();
         for group in x.chunks_exact(gs) {
             let max_abs = group.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             // f32::max skips NaN: a NaN scale keeps a NaN or infinity in the input visible in
@@ -204,6 +235,9 @@ impl QuantizedVec {
                 let scaled = if inv == 0.0 { 0.0 } else { v / scale };
                 round_half_away(scaled.clamp(-Q_MAX, Q_MAX)) as i8
             }));
+            let start = self.q.len() - gs;
+            self.sums
+                .push(self.q[start..].iter().map(|&v| v as i32).sum());
         }
     }
 }

@@ -129,10 +129,12 @@ fn extreme_weights_do_not_saturate() {
             .map(|i| if i % 2 == 0 { 127 } else { -127 })
             .collect(),
         scales: vec![1.0; 2],
+        sums: vec![0; 2],
         group_size: gs,
     };
     let xq_pos = QuantizedVec {
         q: vec![127; cols],
+        sums: vec![127 * gs as i32; 2],
         ..xq.clone()
     };
     for path in KernelPath::supported() {
@@ -141,6 +143,19 @@ fn extreme_weights_do_not_saturate() {
         assert_eq!(out, vec![0.0; rows], "{}", path.name());
         path.matvec_q8(&mut out, &w_q, &w_s, &xq_pos);
         assert_eq!(out, vec![-128.0 * 127.0 * 64.0; rows], "{}", path.name());
+        if path.packs(gs) {
+            let packed = PackedQ8::new(&w_q, &w_s, rows, cols, gs);
+            let xs = [xq.clone(), xq_pos.clone()];
+            let mut out = vec![0.0; 2 * rows];
+            path.matmul_packed(&mut out, rows, &packed, 0..1, &xs);
+            assert_eq!(out[..rows], vec![0.0; rows], "{} packed", path.name());
+            assert_eq!(
+                out[rows..],
+                vec![-128.0 * 127.0 * 64.0; rows],
+                "{} packed",
+                path.name()
+            );
+        }
     }
 }
 
@@ -177,17 +192,40 @@ fn round_half_away_matches_f32_round() {
 }
 
 #[test]
-fn matmul_matches_generic_matvec_bit_for_bit() {
+fn quantize_sums_each_group() {
+    let mut rng = Lcg(5);
+    let x: Vec<f32> = (0..96).map(|_| rng.unit()).collect();
+    let mut q = QuantizedVec::with_capacity(96, 32);
+    q.quantize_from(&x);
+    let expected: Vec<i32> =
+        q.q.chunks(32)
+            .map(|g| g.iter().map(|&v| v as i32).sum())
+            .collect();
+    assert_eq!(q.sums, expected);
+}
+
+#[test]
+fn packed_matmul_matches_generic_matvec_bit_for_bit() {
+    let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
+        eprintln!("no packed path on this CPU; the portable kernel is tested alone");
+        return;
+    };
     let mut rng = Lcg(99);
+    // Rows that leave the last panel partly empty; 1 to 17 groups, so every lane count and a
+    // second round of lanes; group sizes of both specialized widths and the general one.
     for &(rows, cols, gs) in &[
         (5, 288, 32),
-        (3, 768, 64),
-        (4, 416, 32),
-        (2, 96, 32),
+        (16, 32, 32),
+        (17, 96, 32),
+        (40, 768, 64),
+        (33, 544, 32),
         (3, 48, 16),
+        (20, 96, 96),
+        (48, 2048, 32),
     ] {
         let (w_q, w_s, _) = random_case(&mut rng, rows, cols, gs);
-        for n in [1, 2, 3, 5] {
+        let packed = PackedQ8::new(&w_q, &w_s, rows, cols, gs);
+        for n in [1, 2, 7, 8, 9, 19] {
             let xs: Vec<QuantizedVec> = (0..n)
                 .map(|_| {
                     let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 2.0).collect();
@@ -199,25 +237,27 @@ fn matmul_matches_generic_matvec_bit_for_bit() {
             let stride = rows + 3; // the output rows of one input need not be contiguous
             let mut expected = vec![0.0f32; n * stride];
             for (b, x) in xs.iter().enumerate() {
-                KernelPath::Generic.matvec_q8(
-                    &mut expected[b * stride..b * stride + rows],
-                    &w_q,
-                    &w_s,
-                    x,
-                );
+                let out = &mut expected[b * stride..b * stride + rows];
+                KernelPath::Generic.matvec_q8(out, &w_q, &w_s, x);
             }
-            for path in KernelPath::supported() {
-                let mut out = vec![0.0f32; n * stride];
-                path.matmul_q8(&mut out, stride, &w_q, &w_s, &xs, &mut Vec::new());
-                let same = out
-                    .iter()
-                    .zip(&expected)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{} differs for {rows}x{cols} gs {gs}, {n} inputs",
-                    path.name()
-                );
+            let mut out = vec![0.0f32; n * stride];
+            path.matmul_packed(&mut out, stride, &packed, 0..packed.panels(), &xs);
+            let same = out
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "packed differs for {rows}x{cols} gs {gs}, {n} inputs");
+
+            // A range of panels writes only its own rows, starting at the first of them.
+            if packed.panels() > 1 {
+                let mut part = vec![f32::NAN; (n - 1) * stride + rows - PANEL];
+                path.matmul_packed(&mut part, stride, &packed, 1..packed.panels(), &xs);
+                for b in 0..n {
+                    for r in PANEL..rows {
+                        let (got, want) = (part[b * stride + r - PANEL], expected[b * stride + r]);
+                        assert_eq!(got.to_bits(), want.to_bits(), "panel range, row {r}");
+                    }
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::Transformer;
-use crate::kernels::{self, QuantizedVec};
+use crate::kernels::{self, PackedQ8, QuantizedVec, PANEL};
 use crate::weights::{Matrix, MatrixData};
 
 /// Matrices smaller than this many weights run on one thread: at dim 288 a hand-off to another
@@ -16,12 +16,6 @@ const MIN_ROWS_PER_TASK: usize = 16;
 /// Rows of W kept hot in cache while every input of a batch passes over them.
 const ROW_BLOCK: usize = 32;
 
-thread_local! {
-    /// Scratch of the matrix-matrix kernel, one per thread, allocated on first use so that
-    /// memory updates on the decode path do not allocate.
-    static SHIFTED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 impl Transformer {
     /// Quantizes `x` into `xq` when the weights are Q8_0 (a no-op for fp32 checkpoints).
     pub(super) fn prepare(&self, x: &[f32], xq: &mut QuantizedVec) {
@@ -33,6 +27,10 @@ impl Transformer {
     /// `out = W x`, with `xq` the quantized `x` from [`Self::prepare`].
     pub(super) fn matvec(&self, out: &mut [f32], w: &Matrix, x: &[f32], xq: &QuantizedVec) {
         debug_assert_eq!(out.len(), w.rows);
+        if let Some(packed) = w.packed(self.kernel) {
+            self.matvec_packed(out, w, packed, xq);
+            return;
+        }
         if self.threads == 1 || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
             self.matvec_rows(out, w, 0, x, xq);
             return;
@@ -44,6 +42,25 @@ impl Transformer {
         out.par_chunks_mut(block)
             .enumerate()
             .for_each(|(i, out)| self.matvec_rows(out, w, i * block, x, xq));
+    }
+
+    fn matvec_packed(&self, out: &mut [f32], w: &Matrix, packed: &PackedQ8, xq: &QuantizedVec) {
+        let panels = packed.panels();
+        let xs = std::slice::from_ref(xq);
+        if self.threads == 1 || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
+            self.kernel.matmul_packed(out, 0, packed, 0..panels, xs);
+            return;
+        }
+        let per_task = panels
+            .div_ceil(self.threads * TASKS_PER_THREAD)
+            .max(MIN_ROWS_PER_TASK.div_ceil(PANEL));
+        out.par_chunks_mut(per_task * PANEL)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let first = i * per_task;
+                let range = first..(first + per_task).min(panels);
+                self.kernel.matmul_packed(out, 0, packed, range, xs);
+            });
     }
 
     /// `out[b] = W x[b]` for `n` inputs: `out` is (n, rows), `x` is (n, cols).
@@ -71,23 +88,13 @@ impl Transformer {
 
     fn matmul_serial(&self, out: &mut [f32], w: &Matrix, x: &[f32], xq: &[QuantizedVec]) {
         let (rows, cols) = (w.rows, w.cols);
+        if let Some(packed) = w.packed(self.kernel) {
+            let panels = 0..packed.panels();
+            self.kernel.matmul_packed(out, rows, packed, panels, xq);
+            return;
+        }
         for start in (0..rows).step_by(ROW_BLOCK) {
             let end = (start + ROW_BLOCK).min(rows);
-            if let MatrixData::Q8 {
-                q,
-                scales,
-                group_size,
-            } = w.data
-            {
-                let span = start * cols..end * cols;
-                let scale_span = span.start / group_size..span.end / group_size;
-                SHIFTED.with_borrow_mut(|shifted| {
-                    let (q, scales) = (&q[span], &scales[scale_span]);
-                    self.kernel
-                        .matmul_q8(&mut out[start..], rows, q, scales, xq, shifted)
-                });
-                continue;
-            }
             for (b, xq) in xq.iter().enumerate() {
                 let out = &mut out[b * rows + start..b * rows + end];
                 self.matvec_rows(out, w, start, &x[b * cols..(b + 1) * cols], xq);

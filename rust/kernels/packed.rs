@@ -1,0 +1,100 @@
+//! Q8_0 weights rearranged for the AVX-512 VNNI kernels.
+//!
+//! A panel holds 16 consecutive rows. Within a panel, each group of `group_size` columns is
+//! stored as `group_size / 4` blocks of 64 bytes, and block k holds columns `4k..4k + 4` of
+//! the group for the 16 rows, row after row. One 512-bit `dpbusd` of a block against the four
+//! activation bytes of those columns, broadcast to every lane, adds four products to each
+//! row's sum: lane r always belongs to row r, so a group's int32 sums end up one per lane with
+//! no horizontal reduction, and one block load serves every activation vector of a batch.
+//!
+//! `dpbusd` multiplies unsigned by signed bytes. The weights are stored as `w + 128` (the sign
+//! bit flipped) and the activations stay signed, so each group sum carries an extra
+//! `128 * sum(x)`, which the kernel subtracts exactly using the activation group sums.
+//!
+//! Groups are stored in the order the kernel visits them: first every group with g % 8 == 0,
+//! then g % 8 == 1, and so on. The kernel keeps one accumulator per lane of the portable
+//! kernel's eight (`super::generic::accumulate_group`) and fills them one after the other
+//! while reading the panel front to back.
+//!
+//! Rows past the end of the matrix, in the last panel, have weight 0 and scale 0.
+
+use super::LANES;
+
+/// Rows per panel: the f32 lanes of one 512-bit register.
+pub const PANEL: usize = 16;
+
+/// A Q8_0 matrix in panel order; see the module documentation.
+pub struct PackedQ8 {
+    pub rows: usize,
+    pub cols: usize,
+    pub group_size: usize,
+    /// `w + 128` per weight, panel by panel.
+    pub(super) q: Vec<u8>,
+    /// The scales, `PANEL` per group, in the same panel and group order.
+    pub(super) scales: Vec<f32>,
+}
+
+impl PackedQ8 {
+    /// Rearranges row-major Q8_0 weights (`rows * cols` values, one scale per `group_size`).
+    /// `group_size` must divide `cols` and be a multiple of 4.
+    pub fn new(w_q: &[i8], w_scales: &[f32], rows: usize, cols: usize, group_size: usize) -> Self {
+        assert!(
+            group_size % 4 == 0 && cols % group_size == 0,
+            "bad group size {group_size}"
+        );
+        assert_eq!(w_q.len(), rows * cols);
+        assert_eq!(w_scales.len(), rows * cols / group_size);
+        let groups = cols / group_size;
+        let panels = rows.div_ceil(PANEL);
+        let mut q = Vec::with_capacity(panels * PANEL * cols);
+        let mut scales = Vec::with_capacity(panels * PANEL * groups);
+        for p in 0..panels {
+            for g in group_order(groups) {
+                for k in (0..group_size).step_by(4) {
+                    let col = g * group_size + k;
+                    for r in p * PANEL..(p + 1) * PANEL {
+                        if r < rows {
+                            let w = &w_q[r * cols + col..r * cols + col + 4];
+                            q.extend(w.iter().map(|&v| (v as u8) ^ 0x80));
+                        } else {
+                            q.extend([0x80; 4]);
+                        }
+                    }
+                }
+                scales.extend((p * PANEL..(p + 1) * PANEL).map(|r| {
+                    if r < rows {
+                        w_scales[r * groups + g]
+                    } else {
+                        0.0
+                    }
+                }));
+            }
+        }
+        PackedQ8 {
+            rows,
+            cols,
+            group_size,
+            q,
+            scales,
+        }
+    }
+
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
+    /// Bytes of one panel's weights.
+    pub(super) fn panel_bytes(&self) -> usize {
+        PANEL * self.cols
+    }
+
+    /// Scales of one panel.
+    pub(super) fn panel_scales(&self) -> usize {
+        PANEL * (self.cols / self.group_size)
+    }
+}
+
+/// Groups in storage order: g % 8 == 0 first, then 1, ..., each in increasing order.
+pub(super) fn group_order(groups: usize) -> impl Iterator<Item = usize> {
+    (0..LANES.min(groups)).flat_map(move |lane| (lane..groups).step_by(LANES))
+}

@@ -1,0 +1,174 @@
+//! AVX-512 VNNI kernel on packed weights (layout in `super::packed`): panels of 16 rows against
+//! up to `INPUTS` activation vectors at a time.
+//!
+//! For each group, each input's int32 sums start at `-128 * sum(x)` and gather one `dpbusd`
+//! per 64-byte block, so they finish as the exact group sums of the 16 rows. The fp32 steps
+//! then follow the portable kernel lane for lane: `(sum * w_scale) * x_scale` added to the
+//! accumulator of lane g % 8, and the eight lane accumulators summed in `generic::sum_lanes`
+//! order, here for 16 rows at once. Results are bit-identical to `generic`.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::packed::{PackedQ8, PANEL};
+use super::{QuantizedVec, LANES};
+
+/// Activation vectors that share each block load. Each needs two accumulators (int32 sums
+/// of the group, fp32 sums of the lane), so 8 inputs use 16 of the 32 vector registers.
+const INPUTS: usize = 8;
+
+/// Input pointers of one tile of `B` activation vectors.
+#[derive(Clone, Copy)]
+struct Tile<const B: usize> {
+    q: [*const i8; B],
+    scales: [*const f32; B],
+    sums: [*const i32; B],
+    out: [*mut f32; B],
+}
+
+/// One panel against the `B` inputs of `tile`, writing the first `valid` of its 16 rows.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI; `w` and `ws` must point at a whole panel of
+/// `groups` groups of `gs` columns, each input must hold `groups * gs` values, `groups`
+/// scales and sums, and each output `valid` writable floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn panel<const B: usize, const GS: usize>(
+    w: *const u8,
+    ws: *const f32,
+    groups: usize,
+    gs: usize,
+    tile: Tile<B>,
+    valid: usize,
+) {
+    let gs = if GS == 0 { gs } else { GS };
+    let block_bytes = PANEL * 4;
+    let group_bytes = gs / 4 * block_bytes;
+    let mut lanes = [[_mm512_setzero_ps(); LANES]; B];
+    let (mut wp, mut sp) = (w, ws);
+    // SAFETY (whole body): the pointers advance through exactly one panel's blocks and scales
+    // and through the groups of each input, all inside what the caller guarantees.
+    unsafe {
+        for lane in 0..LANES.min(groups) {
+            let mut acc = [_mm512_setzero_ps(); B];
+            for g in (lane..groups).step_by(LANES) {
+                let mut sums: [__m512i; B] =
+                    std::array::from_fn(|b| _mm512_set1_epi32(-(*tile.sums[b].add(g) << 7)));
+                let x: [*const i8; B] = std::array::from_fn(|b| tile.q[b].add(g * gs));
+                for k in 0..gs / 4 {
+                    let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
+                    for b in 0..B {
+                        let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
+                        sums[b] = _mm512_dpbusd_epi32(sums[b], wv, _mm512_set1_epi32(xv));
+                    }
+                }
+                let w_scale = _mm512_loadu_ps(sp);
+                for b in 0..B {
+                    let x_scale = _mm512_set1_ps(*tile.scales[b].add(g));
+                    let scaled =
+                        _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums[b]), w_scale), x_scale);
+                    acc[b] = _mm512_add_ps(acc[b], scaled);
+                }
+                wp = wp.add(group_bytes);
+                sp = sp.add(PANEL);
+            }
+            for b in 0..B {
+                lanes[b][lane] = acc[b];
+            }
+        }
+        let mask: __mmask16 = if valid >= PANEL { !0 } else { (1 << valid) - 1 };
+        for b in 0..B {
+            let l = &lanes[b];
+            let sum = _mm512_add_ps(
+                _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
+                _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
+            );
+            _mm512_mask_storeu_ps(tile.out[b], mask, sum);
+        }
+    }
+}
+
+/// Panels `panels` of `w` against every input of `xs`, `B` at a time, the panel loop outside
+/// so that a panel stays in cache while all inputs pass over it.
+///
+/// # Safety
+/// As for [`matmul_packed`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn panels<const GS: usize>(
+    out: &mut [f32],
+    stride: usize,
+    w: &PackedQ8,
+    panels: Range<usize>,
+    xs: &[QuantizedVec],
+) {
+    let (gs, groups) = (w.group_size, w.cols / w.group_size);
+    let first_row = panels.start * PANEL;
+    let out_ptr = out.as_mut_ptr();
+    for p in panels {
+        let valid = (w.rows - p * PANEL).min(PANEL);
+        // SAFETY: p < w.panels(), so both offsets are inside the packed arrays.
+        let (wp, sp) = unsafe {
+            (
+                w.q.as_ptr().add(p * w.panel_bytes()),
+                w.scales.as_ptr().add(p * w.panel_scales()),
+            )
+        };
+        let mut b0 = 0;
+        while b0 < xs.len() {
+            let count = (xs.len() - b0).min(INPUTS);
+            let row = p * PANEL - first_row;
+            // SAFETY: the caller sized `out` for every input and row of these panels, and
+            // each input holds `cols` values and `groups` scales and sums.
+            unsafe {
+                macro_rules! run {
+                    ($b:literal) => {{
+                        let tile = Tile::<$b> {
+                            q: std::array::from_fn(|i| xs[b0 + i].q.as_ptr()),
+                            scales: std::array::from_fn(|i| xs[b0 + i].scales.as_ptr()),
+                            sums: std::array::from_fn(|i| xs[b0 + i].sums.as_ptr()),
+                            out: std::array::from_fn(|i| out_ptr.add((b0 + i) * stride + row)),
+                        };
+                        panel::<$b, GS>(wp, sp, groups, gs, tile, valid)
+                    }};
+                }
+                match count {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    4 => run!(4),
+                    5 => run!(5),
+                    6 => run!(6),
+                    7 => run!(7),
+                    _ => run!(8),
+                }
+            }
+            b0 += count;
+        }
+    }
+}
+
+/// `out[b * stride + r - first] = dot(W row r, xs[b])` for the rows `r` of `panels`, where
+/// `first` is the first row of the first panel.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI. Every input must have `w.cols` values
+/// quantized with `w.group_size`, `panels` must lie within `w.panels()`, and `out` must hold
+/// `(xs.len() - 1) * stride` plus the rows of `panels` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn matmul_packed(
+    out: &mut [f32],
+    stride: usize,
+    w: &PackedQ8,
+    panel_range: Range<usize>,
+    xs: &[QuantizedVec],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match w.group_size {
+            32 => panels::<32>(out, stride, w, panel_range, xs),
+            64 => panels::<64>(out, stride, w, panel_range, xs),
+            _ => panels::<0>(out, stride, w, panel_range, xs),
+        }
+    }
+}
