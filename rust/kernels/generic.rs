@@ -50,13 +50,17 @@ pub fn matvec_f32(out: &mut [f32], w: &[f32], x: &[f32]) {
 }
 
 /// Dot product with eight independent partial sums, which lets the compiler vectorize it.
-#[inline]
+/// Always inlined, so that it vectorizes as wide as the function it is inlined into.
+#[inline(always)]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0.0f32; LANES];
     let (a_main, a_tail) = a[..n].split_at(n - n % LANES);
     let (b_main, b_tail) = b[..n].split_at(n - n % LANES);
     for (ac, bc) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        // Fixed-size arrays let the compiler keep the eight sums in one register.
+        let (ac, bc): (&[f32; LANES], &[f32; LANES]) =
+            (ac.try_into().unwrap(), bc.try_into().unwrap());
         for i in 0..LANES {
             acc[i] += ac[i] * bc[i];
         }

@@ -19,6 +19,8 @@ mod packed;
 mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
+#[cfg(target_arch = "x86_64")]
+mod x86_quantize;
 
 use std::ops::Range;
 
@@ -188,7 +190,7 @@ pub fn matvec_f32(out: &mut [f32], w: &[f32], x: &[f32]) {
     generic::matvec_f32(out, w, x)
 }
 
-pub use generic::dot_f32;
+pub use generic::{dot_f32, sum_lanes};
 
 /// An activation vector quantized to Q8_0.
 #[derive(Debug, Clone, Default)]
@@ -214,31 +216,51 @@ impl QuantizedVec {
     pub fn quantize_from(&mut self, x: &[f32]) {
         let gs = self.group_size;
         debug_assert!(gs > 0 && x.len() % gs == 0);
-        self.q.clear();
+        self.q.resize(x.len(), 0);
         self.scales.clear();
         self.sums.clear();
-        for group in x.chunks_exact(gs) {
-            let max_abs = group.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            // f32::max skips NaN: a NaN scale keeps a NaN or infinity in the input visible in
-            // the output instead of quantizing it to 0.
-            let finite = group.iter().all(|v| v.is_finite());
-            let scale = if finite { max_abs / Q_MAX } else { f32::NAN };
-            let inv = if scale > 0.0 && finite {
-                1.0 / scale
-            } else {
-                0.0
-            };
+        for (group_x, group_q) in x.chunks_exact(gs).zip(self.q.chunks_exact_mut(gs)) {
+            let (scale, sum) = quantize_group(group_x, group_q);
             self.scales.push(scale);
-            // Multiplying by the reciprocal can differ from dividing in the last bit, so
-            // divide, as the weight quantizer does.
-            self.q.extend(group.iter().map(|&v| {
-                let scaled = if inv == 0.0 { 0.0 } else { v / scale };
-                round_half_away(scaled.clamp(-Q_MAX, Q_MAX)) as i8
-            }));
-            let start = self.q.len() - gs;
-            self.sums
-                .push(self.q[start..].iter().map(|&v| v as i32).sum());
+            self.sums.push(sum);
         }
+    }
+}
+
+/// Quantizes one group into `q`; returns its scale and the sum of its int8 values.
+fn quantize_group(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let max_abs = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // f32::max skips NaN: a NaN scale keeps a NaN or infinity in the input visible in the
+    // output instead of quantizing it to 0.
+    let finite = x.iter().all(|v| v.is_finite());
+    let scale = if finite { max_abs / Q_MAX } else { f32::NAN };
+    if !(scale > 0.0) {
+        q.fill(0);
+        return (scale, 0);
+    }
+    let mut sum = 0;
+    for (o, &v) in q.iter_mut().zip(x) {
+        // Multiplying by the reciprocal can differ from dividing in the last bit, so divide,
+        // as the weight quantizer does.
+        *o = round_half_away((v / scale).clamp(-Q_MAX, Q_MAX)) as i8;
+        sum += *o as i32;
+    }
+    (scale, sum)
+}
+
+impl KernelPath {
+    /// Quantizes `x` into `xq` as [`QuantizedVec::quantize_from`] does, with SIMD where the
+    /// path has it.
+    pub fn quantize(self, xq: &mut QuantizedVec, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self == KernelPath::Avx512Vnni && xq.group_size % 16 == 0 && x.len() % xq.group_size == 0
+        {
+            // SAFETY: this path was checked against the CPU (AVX-512 F and BW included) when
+            // it was constructed; the group size was checked above.
+            unsafe { x86_quantize::quantize(xq, x) };
+            return;
+        }
+        xq.quantize_from(x)
     }
 }
 

@@ -205,6 +205,48 @@ fn quantize_sums_each_group() {
 }
 
 #[test]
+fn every_path_quantizes_like_the_scalar_code() {
+    let mut rng = Lcg(21);
+    let mut cases: Vec<Vec<f32>> = (0..200)
+        .map(|i| (0..96).map(|_| rng.unit() * (i as f32 + 0.5)).collect())
+        .collect();
+    // Exact ties (max 127 gives scale 1), zeros, denormals, huge values, NaN and infinity.
+    let mut ties: Vec<f32> = (0..32).map(|i| i as f32 - 15.5).collect();
+    ties[0] = 127.0;
+    cases.push([ties.clone(), ties.clone(), ties].concat());
+    cases.push(vec![0.0; 96]);
+    cases.push((0..96).map(|i| f32::from_bits(i as u32 + 1)).collect());
+    cases.push(
+        (0..96)
+            .map(|i| 3.0e38 * if i % 2 == 0 { 1.0 } else { -0.7 })
+            .collect(),
+    );
+    for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut x: Vec<f32> = (0..96).map(|_| rng.unit()).collect();
+        x[40] = special;
+        cases.push(x);
+    }
+    for gs in [16, 32, 96] {
+        for x in &cases {
+            let mut expected = QuantizedVec::with_capacity(96, gs);
+            expected.quantize_from(x);
+            for path in KernelPath::supported() {
+                let mut got = QuantizedVec::with_capacity(96, gs);
+                path.quantize(&mut got, x);
+                let scales_same = got
+                    .scales
+                    .iter()
+                    .zip(&expected.scales)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(scales_same, "{} scales for {x:?}", path.name());
+                assert_eq!(got.q, expected.q, "{} values for {x:?}", path.name());
+                assert_eq!(got.sums, expected.sums, "{} sums", path.name());
+            }
+        }
+    }
+}
+
+#[test]
 fn packed_matmul_matches_generic_matvec_bit_for_bit() {
     let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
         eprintln!("no packed path on this CPU; the portable kernel is tested alone");

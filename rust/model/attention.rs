@@ -4,7 +4,7 @@ use super::ops::{dot, softmax};
 use crate::config::Config;
 
 /// Multi-head attention of one query over window rows `0..=row`, written to `out` (dim).
-/// `scores` must have at least `row + 1` values of scratch.
+/// `scores` must have at least `n_heads * (row + 1)` values of scratch.
 pub(super) fn attention(
     q: &[f32],
     keys: &[f32],
@@ -51,22 +51,27 @@ fn attention_body(
     out: &mut [f32],
     scores: &mut [f32],
 ) {
-    let (head_size, kv_dim) = (c.head_size(), c.kv_dim());
+    let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
     let scale = 1.0 / (head_size as f32).sqrt();
-    for h in 0..c.n_heads {
-        let q = &q[h * head_size..(h + 1) * head_size];
-        let kv_offset = (h / c.kv_mul()) * head_size;
-        let scores = &mut scores[..=row];
-        for (t, score) in scores.iter_mut().enumerate() {
-            let k = t * kv_dim + kv_offset;
-            *score = dot(q, &keys[k..k + head_size]) * scale;
+    let n = row + 1;
+    // One row of scores per head; the window is walked front to back, each key and value
+    // row read once for all heads.
+    let scores = &mut scores[..c.n_heads * n];
+    for (t, k_row) in keys[..n * kv_dim].chunks_exact(kv_dim).enumerate() {
+        for h in 0..c.n_heads {
+            let k = &k_row[(h / kv_mul) * head_size..][..head_size];
+            scores[h * n + t] = dot(&q[h * head_size..(h + 1) * head_size], k) * scale;
         }
-        softmax(scores);
-        let out = &mut out[h * head_size..(h + 1) * head_size];
-        out.fill(0.0);
-        for (t, &weight) in scores.iter().enumerate() {
-            let v = t * kv_dim + kv_offset;
-            for (o, &vi) in out.iter_mut().zip(&values[v..v + head_size]) {
+    }
+    for head_scores in scores.chunks_exact_mut(n) {
+        softmax(head_scores);
+    }
+    out.fill(0.0);
+    for (t, v_row) in values[..n * kv_dim].chunks_exact(kv_dim).enumerate() {
+        for h in 0..c.n_heads {
+            let weight = scores[h * n + t];
+            let v = &v_row[(h / kv_mul) * head_size..][..head_size];
+            for (o, &vi) in out[h * head_size..(h + 1) * head_size].iter_mut().zip(v) {
                 *o += weight * vi;
             }
         }

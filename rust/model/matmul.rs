@@ -20,7 +20,7 @@ impl Transformer {
     /// Quantizes `x` into `xq` when the weights are Q8_0 (a no-op for fp32 checkpoints).
     pub(super) fn prepare(&self, x: &[f32], xq: &mut QuantizedVec) {
         if self.weights.format.is_quantized() {
-            xq.quantize_from(x);
+            self.kernel.quantize(xq, x);
         }
     }
 

@@ -11,17 +11,54 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32]) {
     }
 }
 
-/// Softmax in place, shifted by the maximum for stability.
+/// Softmax in place, shifted by the maximum for stability. Inlined so that the attention,
+/// compiled for AVX2, vectorizes it too.
+#[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (v, lane) in chunk.iter_mut().zip(&mut lanes) {
+            *v = exp_nonpositive(*v - max);
+            *lane += *v;
+        }
+    }
+    let mut sum = crate::kernels::sum_lanes(&lanes);
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive(*v - max);
         sum += *v;
     }
     for v in x.iter_mut() {
         *v /= sum;
     }
+}
+
+/// `e^x` for `x <= 0` (a softmax input minus its maximum), within 2 ulp of `f32::exp`, in
+/// plain arithmetic that the compiler vectorizes (the libm call does not): `x = n ln 2 + r`
+/// with `|r| <= ln 2 / 2`, a degree-6 polynomial for `e^r`, and `2^n` built from its bits.
+/// Below -87 it returns 0, where `e^x` would be a denormal. NaN gives NaN.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HIGH is exact for the n that occur here.
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    if x < -87.0 {
+        return 0.0;
+    }
+    let n = (x * LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HIGH) - n * LN2_LOW;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * (r * r) + r + 1.0;
+    e_r * f32::from_bits((((n as i32) + 127) as u32) << 23)
 }
 
 /// `a = silu(a) * b`, the SwiGLU gate.
@@ -108,6 +145,44 @@ fn rotate_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
             let (x0, x1) = (head[2 * j], head[2 * j + 1]);
             head[2 * j] = x0 * cos[j] - x1 * sin[j];
             head[2 * j + 1] = x0 * sin[j] + x1 * cos[j];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_libm() {
+        let mut worst = 0u32;
+        for i in 0..=1_000_000u32 {
+            let x = -87.0 * i as f32 / 1_000_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
+        }
+        assert!(worst <= 2, "largest error {worst} ulp");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-100.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+        let reference: Vec<f64> = {
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let e: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.iter().map(|v| v / sum).collect()
+        };
+        softmax(&mut x);
+        for (got, want) in x.iter().zip(&reference) {
+            assert!(
+                (*got as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12,
+                "{got} {want}"
+            );
         }
     }
 }

@@ -134,12 +134,12 @@ impl Transformer {
             };
             if self.threads() > 1 {
                 let outs = b.a[..n * dim].par_chunks_mut(dim);
-                outs.zip(b.scores.par_chunks_mut(rows))
+                outs.zip(b.scores.par_chunks_mut(c.n_heads * rows))
                     .enumerate()
                     .for_each(attend);
             } else {
                 let outs = b.a[..n * dim].chunks_mut(dim);
-                outs.zip(b.scores.chunks_mut(rows))
+                outs.zip(b.scores.chunks_mut(c.n_heads * rows))
                     .enumerate()
                     .for_each(attend);
             }

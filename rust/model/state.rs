@@ -28,7 +28,7 @@ pub(crate) struct Scratch {
     pub hb: Vec<f32>,     // (hidden_dim,)
     pub hb2: Vec<f32>,    // (hidden_dim,)
     pub q: Vec<f32>,      // (dim,)
-    pub scores: Vec<f32>, // (cache_rows,) attention weights of one head
+    pub scores: Vec<f32>, // (n_heads, cache_rows) attention weights
     pub logits: Vec<f32>, // (vocab_size,)
     pub xq: QuantizedVec, // quantized input of width dim
     pub hq: QuantizedVec, // quantized input of width hidden_dim
@@ -40,7 +40,7 @@ pub(crate) struct BatchScratch {
     pub rows: usize,
     pub x: Vec<f32>,           // (rows, dim) residual streams of a prefill batch
     pub q: Vec<f32>,           // (rows, dim)
-    pub scores: Vec<f32>,      // (rows, cache_rows) attention weights, one head at a time per row
+    pub scores: Vec<f32>,      // (rows, n_heads, cache_rows) attention weights
     pub a: Vec<f32>,           // (rows, dim)
     pub b: Vec<f32>,           // (rows, dim)
     pub h1: Vec<f32>,          // (rows, hidden_dim)
@@ -100,7 +100,10 @@ impl State {
             rows: batch_rows,
             x: zeroed(batch_rows * c.dim, "batch buffers")?,
             q: zeroed(batch_rows * c.dim, "batch buffers")?,
-            scores: zeroed(batch_rows * c.cache_rows(), "batch buffers")?,
+            scores: zeroed(
+                (batch_rows * c.n_heads).saturating_mul(c.cache_rows()),
+                "batch buffers",
+            )?,
             a: zeroed(batch_rows * c.dim, "batch buffers")?,
             b: zeroed(batch_rows * c.dim, "batch buffers")?,
             h1: zeroed(batch_rows * c.hidden_dim, "batch buffers")?,
@@ -125,7 +128,7 @@ impl State {
                 hb: vec![0.0; c.hidden_dim],
                 hb2: vec![0.0; c.hidden_dim],
                 q: vec![0.0; c.dim],
-                scores: zeroed(c.cache_rows(), "attention scores")?,
+                scores: zeroed(c.n_heads.saturating_mul(c.cache_rows()), "attention scores")?,
                 logits: vec![0.0; c.vocab_size],
                 xq: QuantizedVec::with_capacity(c.dim, group_size),
                 hq: QuantizedVec::with_capacity(c.hidden_dim, group_size),
