@@ -11,10 +11,10 @@
 //! bit flipped) and the activations stay signed, so each group sum carries an extra
 //! `128 * sum(x)`, which the kernel subtracts exactly using the activation group sums.
 //!
-//! Groups are stored in the order the kernel visits them: first every group with g % 8 == 0,
-//! then g % 8 == 1, and so on. The kernel keeps one accumulator per lane of the portable
-//! kernel's eight (`super::generic::accumulate_group`) and fills them one after the other
-//! while reading the panel front to back.
+//! Groups are stored in the order the kernel visits them: every group of one lane of the
+//! portable kernel's eight (g % 8, see `super::generic::accumulate_group`), then the next
+//! lane, in [`LANE_ORDER`]: the order in which `super::generic::sum_lanes` adds them, so that
+//! the kernel can add each finished lane into the total without keeping all eight.
 //!
 //! Rows past the end of the matrix, in the last panel, have weight 0 and scale 0.
 
@@ -94,7 +94,12 @@ impl PackedQ8 {
     }
 }
 
-/// Groups in storage order: g % 8 == 0 first, then 1, ..., each in increasing order.
+/// Lanes in the order of the sum tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+pub(super) const LANE_ORDER: [usize; LANES] = [0, 4, 2, 6, 1, 5, 3, 7];
+
+/// Groups in storage order: the groups of each lane of [`LANE_ORDER`], in increasing order.
 pub(super) fn group_order(groups: usize) -> impl Iterator<Item = usize> {
-    (0..LANES.min(groups)).flat_map(move |lane| (lane..groups).step_by(LANES))
+    LANE_ORDER
+        .into_iter()
+        .flat_map(move |lane| (lane..groups).step_by(LANES))
 }

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::packed::{PackedQ8, PANEL};
+use super::packed::{PackedQ8, LANE_ORDER, PANEL};
 use super::{QuantizedVec, LANES};
 
 /// Activation vectors that share each block load. Each needs two accumulators (int32 sums
@@ -45,12 +45,16 @@ unsafe fn panel<const B: usize, const GS: usize>(
     let gs = if GS == 0 { gs } else { GS };
     let block_bytes = PANEL * 4;
     let group_bytes = gs / 4 * block_bytes;
-    let mut lanes = [[_mm512_setzero_ps(); LANES]; B];
+    // Finished lanes, combined as soon as their partner in the tree of `generic::sum_lanes`
+    // is done: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+    let mut held = [[_mm512_setzero_ps(); 3]; B];
+    let mut total = [_mm512_setzero_ps(); B];
     let (mut wp, mut sp) = (w, ws);
     // SAFETY (whole body): the pointers advance through exactly one panel's blocks and scales
     // and through the groups of each input, all inside what the caller guarantees.
     unsafe {
-        for lane in 0..LANES.min(groups) {
+        for (step, lane) in LANE_ORDER.into_iter().enumerate() {
+            // A lane with no groups stays +0.0, as it does in `generic`.
             let mut acc = [_mm512_setzero_ps(); B];
             for g in (lane..groups).step_by(LANES) {
                 let mut sums: [__m512i; B] =
@@ -74,17 +78,25 @@ unsafe fn panel<const B: usize, const GS: usize>(
                 sp = sp.add(PANEL);
             }
             for b in 0..B {
-                lanes[b][lane] = acc[b];
+                let (h, a) = (&mut held[b], acc[b]);
+                match step {
+                    0 => h[0] = a,                                           // l0
+                    1 => h[0] = _mm512_add_ps(h[0], a),                      // l0 + l4
+                    2 => h[1] = a,                                           // l2
+                    3 => h[0] = _mm512_add_ps(h[0], _mm512_add_ps(h[1], a)), // + (l2 + l6)
+                    4 => h[1] = a,                                           // l1
+                    5 => h[1] = _mm512_add_ps(h[1], a),                      // l1 + l5
+                    6 => h[2] = a,                                           // l3
+                    _ => {
+                        let right = _mm512_add_ps(h[1], _mm512_add_ps(h[2], a)); // + (l3 + l7)
+                        total[b] = _mm512_add_ps(h[0], right);
+                    }
+                }
             }
         }
         let mask: __mmask16 = if valid >= PANEL { !0 } else { (1 << valid) - 1 };
         for b in 0..B {
-            let l = &lanes[b];
-            let sum = _mm512_add_ps(
-                _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6])),
-                _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7])),
-            );
-            _mm512_mask_storeu_ps(tile.out[b], mask, sum);
+            _mm512_mask_storeu_ps(tile.out[b], mask, total[b]);
         }
     }
 }
