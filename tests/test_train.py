@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -573,3 +574,29 @@ def test_engine_matches_torch_baseline_fp32(tmp_path: Path) -> None:
     expected = torch_logits(model_from_weights(cfg, weights), tokens)
     actual = engine_logits(path, tokens)
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.skipif(not HAS_ENGINE, reason="the Rust extension llama2rnn._llama2rnn is not built")
+def test_export_seq_len_runs_plain_model_past_training_length(tmp_path: Path) -> None:
+    cfg = Config(
+        dim=64,
+        hidden_dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=97,
+        seq_len=16,
+        mem_len=0,
+    )
+    weights = random_weights(cfg, seed=13)
+    path = tmp_path / "plain-long.bin"
+    export_model(model_from_weights(cfg, weights), path, format="llama2c-v1", seq_len=48)
+    _, read_cfg, _, _ = read_checkpoint(path)
+    assert read_cfg.seq_len == 48
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, 40).tolist()
+    long_cfg = dataclasses.replace(cfg, seq_len=48)
+    expected = torch_logits(model_from_weights(long_cfg, weights), tokens)
+    actual = engine_logits(path, tokens)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="seq_len must be positive"):
+        export_model(model_from_weights(cfg, weights), path, seq_len=0)

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Q8_0 group size (default: the writer's choice)",
     )
     export.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length written to the header (default: the training one); a longer one "
+        "lets a plain model run past its training length",
+    )
+    export.add_argument(
         "--data-dir",
         default=None,
         help="data directory whose tokenizer.model is exported beside the model",
@@ -180,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         state = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(state)
-        export_model(model, args.out, args.format, args.group_size)
+        export_model(model, args.out, args.format, args.group_size, args.seq_len)
         data_dir = args.data_dir or state.get("data", {}).get("data_dir")
         write_tokenizer(Path(args.out).parent, args.tokenizer, data_dir)
     elif args.command == "eval":

@@ -7,6 +7,7 @@ written beside the model as ``tokenizer.bin``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -140,14 +141,21 @@ def export_model(
     out_path: str | os.PathLike[str],
     format: str = "auto",
     group_size: Optional[int] = None,
+    seq_len: Optional[int] = None,
 ) -> dict[str, float]:
     """Write a model checkpoint; return the max quantization error per tensor (empty for fp32).
 
     ``auto`` picks ``llama2rnn`` for a memory model and ``llama2c-v2`` for a plain one.
+    ``seq_len`` replaces the training sequence length in the header: the context a plain
+    model may run to, with RoPE positions past those it was trained on.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
     config, weights = model_to_weights(model)
+    if seq_len is not None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        config = dataclasses.replace(config, seq_len=seq_len)
     if format == "auto":
         format = "llama2rnn" if config.mem_len > 0 else "llama2c-v2"
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
