@@ -1,5 +1,7 @@
 //! The forward pass of one token.
 
+use std::time::Instant;
+
 use super::attention::attention;
 use super::ops::{add_in_place, rmsnorm, swiglu};
 use super::{State, Transformer, UpdateMode};
@@ -33,17 +35,24 @@ impl Transformer {
             });
         };
 
-        self.run(|| self.forward_layers(state, token, row, chunk_pos));
+        let choice = self.governor.choose();
+        let start = Instant::now();
+        self.run_on(choice.use_pool, || {
+            self.forward_layers(state, token, row, chunk_pos)
+        });
+        self.governor.record(choice, start.elapsed());
         state.position += 1;
 
         if c.is_memory_model() {
             match self.mode {
-                UpdateMode::Chunk if chunk_pos == c.mem_len - 1 => self.run(|| {
-                    for l in 0..c.n_layers {
-                        self.update_memory(state, l, 0..c.mem_len);
-                    }
-                }),
-                UpdateMode::Token => self.run(|| {
+                UpdateMode::Chunk if chunk_pos == c.mem_len - 1 => {
+                    self.run_on(choice.use_pool, || {
+                        for l in 0..c.n_layers {
+                            self.update_memory(state, l, 0..c.mem_len);
+                        }
+                    })
+                }
+                UpdateMode::Token => self.run_on(choice.use_pool, || {
                     for l in 0..c.n_layers {
                         self.update_memory(state, l, chunk_pos..chunk_pos + 1);
                     }

@@ -31,7 +31,7 @@ impl Transformer {
             self.matvec_packed(out, w, packed, xq);
             return;
         }
-        if self.threads == 1 || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
+        if !self.parallel() || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
             self.matvec_rows(out, w, 0, x, xq);
             return;
         }
@@ -47,7 +47,7 @@ impl Transformer {
     fn matvec_packed(&self, out: &mut [f32], w: &Matrix, packed: &PackedQ8, xq: &QuantizedVec) {
         let panels = packed.panels();
         let xs = std::slice::from_ref(xq);
-        if self.threads == 1 || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
+        if !self.parallel() || w.rows * w.cols < PARALLEL_MIN_WEIGHTS {
             self.kernel.matmul_packed(out, 0, packed, 0..panels, xs);
             return;
         }
@@ -75,7 +75,7 @@ impl Transformer {
         let (rows, cols) = (w.rows, w.cols);
         debug_assert!(out.len() >= n * rows && x.len() >= n * cols && xq.len() >= n);
         let (out, x, xq) = (&mut out[..n * rows], &x[..n * cols], &xq[..n]);
-        if self.threads == 1 || n * rows * cols < PARALLEL_MIN_WEIGHTS {
+        if !self.parallel() || n * rows * cols < PARALLEL_MIN_WEIGHTS {
             self.matmul_serial(out, w, x, xq);
             return;
         }

@@ -3,6 +3,7 @@
 mod attention;
 mod ffn;
 mod forward;
+mod governor;
 mod matmul;
 mod memory;
 pub mod ops;
@@ -16,6 +17,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kernels::KernelPath;
 use crate::weights::Weights;
+use governor::Governor;
 use ops::RopeTable;
 pub use state::State;
 
@@ -76,6 +78,7 @@ pub struct Transformer {
     pub kernel: KernelPath,
     threads: usize,
     pool: Option<rayon::ThreadPool>,
+    governor: Governor,
     rope: RopeTable,
 }
 
@@ -109,6 +112,7 @@ impl Transformer {
             kernel: options.kernel,
             threads,
             pool,
+            governor: Governor::new(),
         })
     }
 
@@ -153,9 +157,21 @@ impl Transformer {
     /// Runs `f` on the thread pool, so that the parallel loops inside it need no hand-off
     /// per matrix.
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.run_on(true, f)
+    }
+
+    /// Runs `f` on the thread pool when there is one and `use_pool` is set, else on the
+    /// calling thread, where every loop runs serially (see [`Self::parallel`]).
+    fn run_on<R: Send>(&self, use_pool: bool, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
-            Some(pool) => pool.install(f),
-            None => f(),
+            Some(pool) if use_pool => pool.install(f),
+            _ => f(),
         }
+    }
+
+    /// Returns whether loops may split across threads: only inside this model's pool, so
+    /// that work the governor keeps on the calling thread never reaches another pool.
+    fn parallel(&self) -> bool {
+        self.pool.is_some() && rayon::current_thread_index().is_some()
     }
 }

@@ -132,7 +132,7 @@ impl Transformer {
                 let q = &queries[i * dim..(i + 1) * dim];
                 attention(q, keys, values, first_row + i, &c, out, scores);
             };
-            if self.threads() > 1 {
+            if self.parallel() {
                 let outs = b.a[..n * dim].par_chunks_mut(dim);
                 outs.zip(b.scores.par_chunks_mut(c.n_heads * rows))
                     .enumerate()
