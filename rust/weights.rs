@@ -58,10 +58,11 @@ impl Matrix {
                 q,
                 scales,
                 group_size,
-            } if kernel.packs(group_size) => Some(
-                self.packed
-                    .get_or_init(|| PackedQ8::new(q, scales, self.rows, self.cols, group_size)),
-            ),
+            } if kernel.packs(group_size) => Some(self.packed.get_or_init(|| {
+                let packed = PackedQ8::new(q, scales, self.rows, self.cols, group_size);
+                release_pages(q);
+                packed
+            })),
             _ => None,
         }
     }
@@ -82,6 +83,29 @@ impl Matrix {
             }
         }
     }
+}
+
+/// Drops the mapped pages that lie wholly inside `bytes` from the resident set once their
+/// packed copy exists, so that a packed model does not hold its weights twice. The file stays
+/// in the page cache and a later read (the embedding rows of a shared classifier) maps the
+/// page back in.
+fn release_pages(bytes: &[i8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: every Q8_0 matrix borrows from the read-only file mapping (`Slicer`
+            // copies only misaligned fp32 arrays), and dropping pages of a file mapping only
+            // makes the next read fetch them from the file again. The advice is a hint, so
+            // its result is ignored.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }
 
 /// Weights of one layer. Shapes are (rows, cols) = (out, in).
