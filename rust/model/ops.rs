@@ -16,18 +16,20 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32]) {
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+    }
     let mut lanes = [0.0f32; 8];
-    let mut chunks = x.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (v, lane) in chunk.iter_mut().zip(&mut lanes) {
-            *v = exp(*v - max);
-            *lane += *v;
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
         }
     }
     let mut sum = crate::kernels::sum_lanes(&lanes);
-    for v in chunks.into_remainder() {
-        *v = exp(*v - max);
-        sum += *v;
+    for v in tail {
+        sum += v;
     }
     for v in x.iter_mut() {
         *v /= sum;
@@ -46,14 +48,20 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LOW: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    if x < -87.0 {
-        return 0.0;
-    }
-    if x > 88.722_83 {
-        return f32::INFINITY;
-    }
-    let n = (x * LOG2_E + ROUND) - ROUND;
-    let r = (x - n * LN2_HIGH) - n * LN2_LOW;
+    const LOW: f32 = -87.0;
+    const HIGH: f32 = 88.722_83;
+    // Selects instead of early returns, so that loops over this vectorize; NaN passes every
+    // comparison as false and stays NaN.
+    let xc = if x < LOW {
+        LOW
+    } else if x > HIGH {
+        HIGH
+    } else {
+        x
+    };
+    let shifted = xc * LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = (xc - n * LN2_HIGH) - n * LN2_LOW;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -61,11 +69,19 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e_r = p * (r * r) + r + 1.0;
-    // 2^n as two factors, since n can reach 128, one past the largest exponent; multiplying
-    // by powers of two is exact.
-    let n = n as i32;
+    // n as an integer from the low bits of `shifted`, without a float conversion; 2^n as two
+    // factors, since n can reach 128, one past the largest exponent (multiplying by powers
+    // of two is exact).
+    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
-    e_r * pow2(n / 2) * pow2(n - n / 2)
+    let y = e_r * pow2(n / 2) * pow2(n - n / 2);
+    if x < LOW {
+        0.0
+    } else if x > HIGH {
+        f32::INFINITY
+    } else {
+        y
+    }
 }
 
 /// `a = silu(a) * b`, the SwiGLU gate.
