@@ -85,9 +85,19 @@ impl Transformer {
             // Attention rmsnorm, then q, k, v; k and v go straight into the cache row.
             rmsnorm(&mut s.xb, &s.x, layer.rms_att);
             self.prepare(&s.xb, &mut s.xq);
-            self.matvec(&mut s.q, &layer.wq, &s.xb, &s.xq);
-            self.matvec(&mut key_cache[kv_row.clone()], &layer.wk, &s.xb, &s.xq);
-            self.matvec(&mut value_cache[kv_row.clone()], &layer.wv, &s.xb, &s.xq);
+            let (k_row, v_row) = (
+                &mut key_cache[kv_row.clone()],
+                &mut value_cache[kv_row.clone()],
+            );
+            self.both(
+                || self.matvec(&mut s.q, &layer.wq, &s.xb, &s.xq),
+                || {
+                    self.both(
+                        || self.matvec(k_row, &layer.wk, &s.xb, &s.xq),
+                        || self.matvec(v_row, &layer.wv, &s.xb, &s.xq),
+                    )
+                },
+            );
 
             // RoPE at the window row: M + chunk position, or the absolute position.
             self.rope.rotate(&mut s.q, row);
@@ -112,8 +122,10 @@ impl Transformer {
             // SwiGLU feed-forward and residual.
             rmsnorm(&mut s.xb, &s.x, layer.rms_ffn);
             self.prepare(&s.xb, &mut s.xq);
-            self.matvec(&mut s.hb, &layer.w1, &s.xb, &s.xq);
-            self.matvec(&mut s.hb2, &layer.w3, &s.xb, &s.xq);
+            self.both(
+                || self.matvec(&mut s.hb, &layer.w1, &s.xb, &s.xq),
+                || self.matvec(&mut s.hb2, &layer.w3, &s.xb, &s.xq),
+            );
             swiglu(&mut s.hb, &s.hb2);
             self.prepare(&s.hb, &mut s.hq);
             self.matvec(&mut s.xb, &layer.w2, &s.hb, &s.hq);
