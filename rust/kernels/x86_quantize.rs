@@ -19,7 +19,7 @@ unsafe fn group(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
     let mut max_abs = _mm512_setzero_ps();
     let mut finite = true;
     for chunk in x.chunks_exact(16) {
-        // SAFETY: the chunk holds 16 floats.
+        // SAFETY: the chunk has 16 floats.
         let v = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
         // v - v is 0 for finite values and NaN otherwise, which compares unordered.
         finite &= _mm512_cmp_ps_mask::<_CMP_ORD_Q>(_mm512_sub_ps(v, v), v) == 0xffff;
@@ -40,7 +40,7 @@ unsafe fn group(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
     let one = _mm512_set1_epi32(1);
     let mut sum = _mm512_setzero_si512();
     for (chunk, out) in x.chunks_exact(16).zip(q.chunks_exact_mut(16)) {
-        // SAFETY: the chunk holds 16 floats.
+        // SAFETY: the chunk has 16 floats.
         let v = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
         let scaled = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, scale_v), low), high);
         let truncated = _mm512_cvttps_epi32(scaled);
@@ -54,7 +54,7 @@ unsafe fn group(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
             one,
         );
         sum = _mm512_add_epi32(sum, rounded);
-        // SAFETY: `out` holds 16 bytes.
+        // SAFETY: `out` has 16 bytes.
         unsafe {
             _mm_storeu_si128(
                 out.as_mut_ptr() as *mut __m128i,

@@ -155,7 +155,7 @@ mod x86 {
         // Rows in lanes: 0, 2, 4, 6 | 1, 3, 5, 7.
         let sums = _mm256_hadd_ps(pair(a01, a23), pair(a45, a67));
         let ordered = _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        // SAFETY: out holds 8 floats.
+        // SAFETY: out has 8 floats.
         unsafe {
             _mm256_storeu_ps(
                 out.as_mut_ptr(),
@@ -192,7 +192,7 @@ mod x86 {
 mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn eight_row_blocks_match_the_row_loops_bit_for_bit() {
+    fn eight_row_blocks_match_row_loops() {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
@@ -201,7 +201,7 @@ mod tests {
         let q: Vec<f32> = (0..head_size).map(value).collect();
         let k: Vec<f32> = (0..8 * stride).map(|i| value(i + 17)).collect();
         let mut out = [0.0f32; 8];
-        // SAFETY: AVX2 was detected; k holds 8 rows of `stride` floats.
+        // SAFETY: AVX2 was detected; k has 8 rows of `stride` floats.
         unsafe { super::x86::scores8(&q, &k, stride, 0.3, &mut out) };
         for (j, got) in out.iter().enumerate() {
             let want = super::dot(&q, &k[j * stride..j * stride + head_size]) * 0.3;

@@ -20,7 +20,7 @@ pub(super) struct Governor {
     use_pool: AtomicBool,
 }
 
-/// How one token runs, and whether its time is a probe.
+/// The way one token runs, and whether its time is a probe.
 #[derive(Clone, Copy)]
 pub(super) struct Choice {
     pub use_pool: bool,
@@ -51,7 +51,8 @@ impl Governor {
         }
     }
 
-    /// Records the time of a token run as `choice` said; the last probe of a window decides.
+    /// Records the time of a token run the way `choice` chose; the last probe of a window
+    /// decides.
     pub fn record(&self, choice: Choice, elapsed: Duration) {
         let Some(k) = choice.probe else { return };
         let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
