@@ -431,7 +431,7 @@ fn positive(path: &Path, field: &'static str, value: i32) -> Result<usize> {
 
 /// Checks the relations between config fields that the forward pass relies on.
 pub fn validate(path: &Path, c: &Config) -> Result<()> {
-    if c.dim % c.n_heads != 0 {
+    if !c.dim.is_multiple_of(c.n_heads) {
         return Err(invalid(
             path,
             "n_heads",
@@ -439,7 +439,7 @@ pub fn validate(path: &Path, c: &Config) -> Result<()> {
             &format!("a divisor of dim {}", c.dim),
         ));
     }
-    if c.head_size() % 2 != 0 {
+    if !c.head_size().is_multiple_of(2) {
         return Err(invalid(
             path,
             "n_heads",
@@ -450,7 +450,7 @@ pub fn validate(path: &Path, c: &Config) -> Result<()> {
             ),
         ));
     }
-    if c.n_heads % c.n_kv_heads != 0 {
+    if !c.n_heads.is_multiple_of(c.n_kv_heads) {
         return Err(invalid(
             path,
             "n_kv_heads",

@@ -275,7 +275,7 @@ impl Slicer {
         // SAFETY: `checkpoint::plan` computed every region inside the file length, which
         // `Weights::open` checked against the map's length.
         let ptr = unsafe { self.base.add(offset as usize) };
-        if (ptr as usize) % std::mem::align_of::<f32>() == 0 {
+        if (ptr as usize).is_multiple_of(std::mem::align_of::<f32>()) {
             // SAFETY: in bounds (above), aligned (checked), and any bit pattern is a valid f32.
             return unsafe { std::slice::from_raw_parts(ptr as *const f32, len) };
         }

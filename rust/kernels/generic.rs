@@ -29,15 +29,10 @@ pub fn matvec_q8(out: &mut [f32], w_q: &[i8], w_scales: &[f32], x: &QuantizedVec
         let row = &w_q[r * cols..(r + 1) * cols];
         let row_scales = &w_scales[r * groups..(r + 1) * groups];
         let mut lanes = [0.0f32; LANES];
-        for g in 0..groups {
+        for (g, (&w_scale, &x_scale)) in row_scales.iter().zip(&x.scales).enumerate() {
             let span = g * gs..(g + 1) * gs;
-            accumulate_group(
-                &mut lanes,
-                g,
-                isum(&row[span.clone()], &x.q[span]),
-                row_scales[g],
-                x.scales[g],
-            );
+            let sum = isum(&row[span.clone()], &x.q[span]);
+            accumulate_group(&mut lanes, g, sum, w_scale, x_scale);
         }
         *o = sum_lanes(&lanes);
     }

@@ -135,7 +135,7 @@ impl KernelPath {
     /// Returns whether this path runs on [`PackedQ8`] weights of this group size rather than
     /// on the row-major ones.
     pub fn packs(self, group_size: usize) -> bool {
-        self == KernelPath::Avx512Vnni && group_size % 4 == 0
+        self == KernelPath::Avx512Vnni && group_size.is_multiple_of(4)
     }
 
     /// `out[b * stride + r - first] = dot(w row r, xs[b])` for every row `r` of the panels in
@@ -215,7 +215,7 @@ impl QuantizedVec {
     /// Quantizes `x` in place of the previous contents, reusing the buffers.
     pub fn quantize_from(&mut self, x: &[f32]) {
         let gs = self.group_size;
-        debug_assert!(gs > 0 && x.len() % gs == 0);
+        debug_assert!(gs > 0 && x.len().is_multiple_of(gs));
         self.q.resize(x.len(), 0);
         self.scales.clear();
         self.sums.clear();
@@ -234,7 +234,7 @@ fn quantize_group(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     // output instead of quantizing it to 0.
     let finite = x.iter().all(|v| v.is_finite());
     let scale = if finite { max_abs / Q_MAX } else { f32::NAN };
-    if !(scale > 0.0) {
+    if scale.is_nan() || scale <= 0.0 {
         q.fill(0);
         return (scale, 0);
     }
@@ -253,7 +253,7 @@ impl KernelPath {
     /// path has it.
     pub fn quantize(self, xq: &mut QuantizedVec, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
-        if self == KernelPath::Avx512Vnni && xq.group_size % 16 == 0 && x.len() % xq.group_size == 0
+        if self == KernelPath::Avx512Vnni && xq.group_size.is_multiple_of(16) && x.len().is_multiple_of(xq.group_size)
         {
             // SAFETY: this path was checked against the CPU (AVX-512 F and BW included) when
             // it was constructed; the group size was checked above.

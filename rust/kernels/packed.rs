@@ -39,7 +39,7 @@ impl PackedQ8 {
     /// `group_size` must divide `cols` and be a multiple of 4.
     pub fn new(w_q: &[i8], w_scales: &[f32], rows: usize, cols: usize, group_size: usize) -> Self {
         assert!(
-            group_size % 4 == 0 && cols % group_size == 0,
+            group_size.is_multiple_of(4) && cols.is_multiple_of(group_size),
             "bad group size {group_size}"
         );
         assert_eq!(w_q.len(), rows * cols);

@@ -95,8 +95,8 @@ unsafe fn panel<const B: usize, const GS: usize>(
             }
         }
         let mask: __mmask16 = if valid >= PANEL { !0 } else { (1 << valid) - 1 };
-        for b in 0..B {
-            _mm512_mask_storeu_ps(tile.out[b], mask, total[b]);
+        for (out, sum) in tile.out.into_iter().zip(total) {
+            _mm512_mask_storeu_ps(out, mask, sum);
         }
     }
 }

@@ -124,7 +124,7 @@ mod x86 {
     /// `7 * stride + q.len()` floats.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn scores8(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        debug_assert!(q.len() % 8 == 0 && k.len() >= 7 * stride + q.len() && out.len() == 8);
+        debug_assert!(q.len().is_multiple_of(8) && k.len() >= 7 * stride + q.len() && out.len() == 8);
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..q.len()).step_by(8) {
             // SAFETY: c + 8 <= q.len(), and row j's slice ends inside k (caller's guarantee).
@@ -172,7 +172,7 @@ mod x86 {
     /// `7 * stride + out.len()` floats.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn add_values8(out: &mut [f32], weights: &[f32], v: &[f32], stride: usize) {
-        debug_assert!(out.len() % 8 == 0 && v.len() >= 7 * stride + out.len());
+        debug_assert!(out.len().is_multiple_of(8) && v.len() >= 7 * stride + out.len());
         let w: [__m256; 8] = std::array::from_fn(|j| _mm256_set1_ps(weights[j]));
         for c in (0..out.len()).step_by(8) {
             // SAFETY: c + 8 <= out.len(), and row j's slice ends inside v (caller's guarantee).

@@ -52,13 +52,7 @@ pub fn exp(x: f32) -> f32 {
     const HIGH: f32 = 88.722_83;
     // Selects instead of early returns, so that loops over this vectorize; NaN passes every
     // comparison as false and stays NaN.
-    let xc = if x < LOW {
-        LOW
-    } else if x > HIGH {
-        HIGH
-    } else {
-        x
-    };
+    let xc = x.clamp(LOW, HIGH);
     let shifted = xc * LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = (xc - n * LN2_HIGH) - n * LN2_LOW;
@@ -67,7 +61,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e_r = p * (r * r) + r + 1.0;
     // n as an integer from the low bits of `shifted`, without a float conversion; 2^n as two
     // factors, since n can reach 128, one past the largest exponent (multiplying by powers
