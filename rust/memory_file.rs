@@ -245,6 +245,12 @@ pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<Se
             header.mode.name()
         )));
     }
+    if !c.is_memory_model() && header.position > c.seq_len as u64 {
+        return Err(invalid(format!(
+            "position {} is past this plain model's seq_len {}",
+            header.position, c.seq_len
+        )));
+    }
     let rows = header.stored_rows as usize;
     let expected_rows = if c.is_memory_model() {
         (header.position % c.mem_len as u64) as usize
@@ -288,6 +294,9 @@ pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<Se
     }
     if logits > 0 {
         take(&mut state.scratch.logits);
+    } else {
+        // Nothing has been fed at position 0, so there are no logits to keep.
+        state.scratch.logits.fill(0.0);
     }
     state.position = header.position;
     Ok(header.info)

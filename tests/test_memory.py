@@ -479,6 +479,28 @@ def test_memory_from_plain_llama2c_model(tmp_path):
     np.testing.assert_array_equal(fresh.forward(3), expected)
 
 
+def test_reset_and_position_zero_load_clear_logits(tmp_path):
+    model = load(write_model(tmp_path, SMALL))
+    empty = model.engine.save_state()
+    model.feed(PROMPT)
+    assert np.any(np.asarray(model.engine.logits()) != 0)
+    model.engine.reset()
+    np.testing.assert_array_equal(model.engine.logits(), 0.0)
+    model.feed(PROMPT)
+    model.engine.load_state(empty)
+    np.testing.assert_array_equal(model.engine.logits(), 0.0)
+
+
+def test_plain_memory_past_seq_len_is_rejected(tmp_path):
+    model = load(write_model(tmp_path, VANILLA))
+    model.feed(list(range(1, VANILLA.seq_len - 1)))
+    patched = bytearray(model.engine.save_state())
+    struct.pack_into("<Q", patched, 64, 1000)
+    patched[-4:] = struct.pack("<I", zlib.crc32(bytes(patched[:-4])))
+    guard = StateGuard(model)
+    expect_rejected(model, tmp_path / "far.mem", bytes(patched), guard, "position 1000 is past")
+
+
 # =============================================================================================
 # Corrupt and foreign files
 

@@ -253,7 +253,9 @@ impl KernelPath {
     /// path has it.
     pub fn quantize(self, xq: &mut QuantizedVec, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
-        if self == KernelPath::Avx512Vnni && xq.group_size.is_multiple_of(16) && x.len().is_multiple_of(xq.group_size)
+        if self == KernelPath::Avx512Vnni
+            && xq.group_size.is_multiple_of(16)
+            && x.len().is_multiple_of(xq.group_size)
         {
             // SAFETY: this path was checked against the CPU (AVX-512 F and BW included) when
             // it was constructed; the group size was checked above.

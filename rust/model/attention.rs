@@ -124,7 +124,9 @@ mod x86 {
     /// `7 * stride + q.len()` floats.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn scores8(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        debug_assert!(q.len().is_multiple_of(8) && k.len() >= 7 * stride + q.len() && out.len() == 8);
+        debug_assert!(
+            q.len().is_multiple_of(8) && k.len() >= 7 * stride + q.len() && out.len() == 8
+        );
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..q.len()).step_by(8) {
             // SAFETY: c + 8 <= q.len(), and row j's slice ends inside k (caller's guarantee).

@@ -135,6 +135,7 @@ impl Transformer {
     /// Returns `state` to the start: position 0 and, for memory models, the initial memory.
     pub fn reset(&self, state: &mut State) {
         state.position = 0;
+        state.scratch.logits.fill(0.0);
         let c = *self.config();
         if !c.is_memory_model() {
             return;
