@@ -79,8 +79,28 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// `a = silu(a) * b`, the SwiGLU gate.
-#[inline]
 pub fn swiglu(a: &mut [f32], b: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { swiglu_avx2(a, b) };
+    }
+    swiglu_body(a, b)
+}
+
+/// The same loop compiled eight floats wide; each element takes the same steps, so the bits
+/// are the same.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn swiglu_avx2(a: &mut [f32], b: &[f32]) {
+    swiglu_body(a, b)
+}
+
+#[inline(always)]
+fn swiglu_body(a: &mut [f32], b: &[f32]) {
     for (ai, &bi) in a.iter_mut().zip(b) {
         let silu = *ai / (1.0 + exp(-*ai));
         *ai = silu * bi;
