@@ -2,25 +2,38 @@
 //!
 //! When another process keeps a core busy, a pool thread on that core stalls every parallel
 //! loop until the scheduler runs it again, and decoding on all threads can become slower than
-//! decoding on one. The governor measures instead of guessing: in every window of `PERIOD`
-//! tokens, the first `PROBES` alternate between the two ways, and the faster one (by their
+//! decoding on one. The governor measures instead of guessing: each window of tokens starts
+//! with `PROBES` tokens that alternate between the two ways, and the faster one (by their
 //! summed time) runs the rest of the window. The pool keeps the window unless the calling
 //! thread is faster by a clear margin, so that noise on a quiet machine does not give up the
-//! second thread. The probes cost at most `PROBES / 2` tokens in the slower way per window.
+//! second thread.
+//!
+//! A probe on a contended pool can stall for a whole scheduler time slice, so while the
+//! calling thread keeps winning, each window is twice as long as the one before (up to
+//! `MAX_PERIOD` tokens), which keeps the probes' cost to a few percent. The decision at the
+//! end of a window's probes sets the length of that same window.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 const PERIOD: u64 = 256;
+const MAX_PERIOD: u64 = 4096;
 const PROBES: u64 = 16;
 /// The calling thread must take at most this share of the pool's time to be picked.
 const SERIAL_MARGIN: f64 = 0.9;
 
 pub(super) struct Governor {
-    calls: AtomicU64,
-    serial_ns: AtomicU64,
-    pool_ns: AtomicU64,
-    use_pool: AtomicBool,
+    window: Mutex<Window>,
+}
+
+struct Window {
+    /// Tokens chosen so far in this window.
+    calls: u64,
+    /// Length of this window in tokens.
+    period: u64,
+    serial_ns: u64,
+    pool_ns: u64,
+    use_pool: bool,
 }
 
 /// The way one token runs, and whether its time is a probe.
@@ -33,15 +46,28 @@ pub(super) struct Choice {
 impl Governor {
     pub fn new() -> Self {
         Governor {
-            calls: AtomicU64::new(0),
-            serial_ns: AtomicU64::new(0),
-            pool_ns: AtomicU64::new(0),
-            use_pool: AtomicBool::new(true),
+            window: Mutex::new(Window {
+                calls: 0,
+                period: PERIOD,
+                serial_ns: 0,
+                pool_ns: 0,
+                use_pool: true,
+            }),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        // The window holds plain numbers, valid even if a holder panicked.
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn choose(&self) -> Choice {
-        let k = self.calls.fetch_add(1, Relaxed) % PERIOD;
+        let mut w = self.lock();
+        let k = w.calls;
+        w.calls += 1;
+        if w.calls >= w.period {
+            w.calls = 0;
+        }
         if k < PROBES {
             return Choice {
                 use_pool: k % 2 == 1,
@@ -49,29 +75,31 @@ impl Governor {
             };
         }
         Choice {
-            use_pool: self.use_pool.load(Relaxed),
+            use_pool: w.use_pool,
             probe: None,
         }
     }
 
     /// Records the time of a token run the way `choice` chose; the last probe of a window
-    /// decides.
+    /// decides the rest of it and the length of the next.
     pub fn record(&self, choice: Choice, elapsed: Duration) {
         let Some(k) = choice.probe else { return };
         let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
-        let sum = if choice.use_pool {
-            &self.pool_ns
+        let mut w = self.lock();
+        if choice.use_pool {
+            w.pool_ns = w.pool_ns.saturating_add(ns);
         } else {
-            &self.serial_ns
-        };
-        sum.fetch_add(ns, Relaxed);
+            w.serial_ns = w.serial_ns.saturating_add(ns);
+        }
         if k == PROBES - 1 {
-            let (pool, serial) = (
-                self.pool_ns.swap(0, Relaxed),
-                self.serial_ns.swap(0, Relaxed),
-            );
-            self.use_pool
-                .store((serial as f64) > SERIAL_MARGIN * pool as f64, Relaxed);
+            w.use_pool = (w.serial_ns as f64) > SERIAL_MARGIN * w.pool_ns as f64;
+            w.period = if w.use_pool {
+                PERIOD
+            } else {
+                (w.period * 2).min(MAX_PERIOD)
+            };
+            w.serial_ns = 0;
+            w.pool_ns = 0;
         }
     }
 }
@@ -80,8 +108,9 @@ impl Governor {
 mod tests {
     use super::*;
 
-    fn window(g: &Governor, serial_ms: u64, pool_ms: u64) -> Vec<bool> {
-        (0..PERIOD)
+    /// Runs `tokens` tokens with the given times per token; returns the way each one ran.
+    fn run(g: &Governor, tokens: u64, serial_ms: u64, pool_ms: u64) -> Vec<bool> {
+        (0..tokens)
             .map(|_| {
                 let choice = g.choose();
                 let ms = if choice.use_pool { pool_ms } else { serial_ms };
@@ -91,21 +120,43 @@ mod tests {
             .collect()
     }
 
+    fn after_probes(ways: &[bool]) -> &[bool] {
+        &ways[PROBES as usize..]
+    }
+
     #[test]
     fn picks_the_faster_way_after_probing_both() {
         let g = Governor::new();
-        let first = window(&g, 2, 1);
+        let first = run(&g, PERIOD, 2, 1);
         let probes = &first[..PROBES as usize];
         assert_eq!(probes.iter().filter(|&&p| p).count(), PROBES as usize / 2);
-        assert!(first[PROBES as usize..].iter().all(|&p| p));
-        // The pool slows down (a busy core): the next window probes and stops using it.
-        let second = window(&g, 2, 5);
-        assert!(second[PROBES as usize..].iter().all(|&p| !p));
-        // And it comes back once the pool is faster again.
-        let third = window(&g, 2, 1);
-        assert!(third[PROBES as usize..].iter().all(|&p| p));
+        assert!(after_probes(&first).iter().all(|&p| p));
+        // The pool slows down (a busy core): the next window probes, stops using it and
+        // grows to twice the length.
+        let second = run(&g, 2 * PERIOD, 2, 5);
+        assert!(after_probes(&second).iter().all(|&p| !p));
+        // While the calling thread keeps winning, the windows keep doubling.
+        let third = run(&g, 4 * PERIOD, 2, 5);
+        assert!(after_probes(&third).iter().all(|&p| !p));
+        // And the pool comes back, in windows of the first length, once it is faster again.
+        let fourth = run(&g, PERIOD, 2, 1);
+        assert!(after_probes(&fourth).iter().all(|&p| p));
         // Serial 5% faster is within the margin: the pool stays.
-        let fourth = window(&g, 95, 100);
-        assert!(fourth[PROBES as usize..].iter().all(|&p| p));
+        let fifth = run(&g, PERIOD, 95, 100);
+        assert!(after_probes(&fifth).iter().all(|&p| p));
+    }
+
+    #[test]
+    fn windows_stop_growing_at_the_limit() {
+        let g = Governor::new();
+        let mut total = 0;
+        while g.lock().period < MAX_PERIOD {
+            let period = g.lock().period;
+            run(&g, period, 1, 5);
+            total += period;
+            assert!(total < 64 * MAX_PERIOD, "the window never reached its limit");
+        }
+        run(&g, MAX_PERIOD, 1, 5);
+        assert_eq!(g.lock().period, MAX_PERIOD);
     }
 }
