@@ -21,6 +21,9 @@ pub struct Matrix {
     /// The Q8_0 weights in the layout of the packed kernels, built on first use so that
     /// opening a checkpoint stays cheap and paths that do not pack never pay for it.
     packed: OnceLock<PackedQ8>,
+    /// Whether nothing reads the row-major weights once they are packed, so that their pages
+    /// can leave the resident set; not for a classifier that shares the embedding table.
+    release_after_packing: bool,
 }
 
 impl Clone for Matrix {
@@ -47,6 +50,7 @@ impl Matrix {
             cols,
             data,
             packed: OnceLock::new(),
+            release_after_packing: true,
         }
     }
 
@@ -60,7 +64,9 @@ impl Matrix {
                 group_size,
             } if kernel.packs(group_size) => Some(self.packed.get_or_init(|| {
                 let packed = PackedQ8::new(q, scales, self.rows, self.cols, group_size);
-                release_pages(q);
+                if self.release_after_packing {
+                    release_pages(q);
+                }
                 packed
             })),
             _ => None,
@@ -87,8 +93,7 @@ impl Matrix {
 
 /// Drops the mapped pages that lie wholly inside `bytes` from the resident set once their
 /// packed copy exists, so that a packed model does not hold its weights twice. The file stays
-/// in the page cache and a later read (the embedding rows of a shared classifier) maps the
-/// page back in.
+/// in the page cache and a later read maps the page back in.
 fn release_pages(bytes: &[i8]) {
     #[cfg(unix)]
     {
@@ -244,7 +249,12 @@ fn build(header: Header, map: Mmap, fingerprint: u64) -> Weights {
     let embedding = slicer.matrix(layout.embedding, config.vocab_size, dim);
     let wcls = match layout.wcls {
         Some(region) => slicer.matrix(region, config.vocab_size, dim),
-        None => embedding.clone(),
+        // Embedding rows are read token by token for the whole run, so the shared table
+        // stays resident rather than coming back page by page.
+        None => Matrix {
+            release_after_packing: false,
+            ..embedding.clone()
+        },
     };
     Weights {
         format,
