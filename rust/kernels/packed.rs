@@ -29,35 +29,102 @@ pub struct PackedQ8 {
     pub cols: usize,
     pub group_size: usize,
     /// `w + 128` per weight, panel by panel.
-    pub(super) q: Vec<u8>,
+    q: PackedBytes,
     /// The scales, `PANEL` per group, in the same panel and group order.
     pub(super) scales: Vec<f32>,
+}
+
+/// The packed weights' storage: their own buffer, or a region of one shared by a model's
+/// matrices (see [`PackedQ8::pack_into`]).
+enum PackedBytes {
+    Owned(Vec<u8>),
+    Shared(&'static [u8]),
 }
 
 impl PackedQ8 {
     /// Rearranges row-major Q8_0 weights (`rows * cols` values, one scale per `group_size`).
     /// `group_size` must divide `cols` and be a multiple of 4.
     pub fn new(w_q: &[i8], w_scales: &[f32], rows: usize, cols: usize, group_size: usize) -> Self {
-        assert!(
-            group_size.is_multiple_of(4) && cols.is_multiple_of(group_size),
-            "bad group size {group_size}"
-        );
-        assert_eq!(w_q.len(), rows * cols);
-        assert_eq!(w_scales.len(), rows * cols / group_size);
-        let groups = cols / group_size;
-        let panels = rows.div_ceil(PANEL);
-        let mut q = Vec::with_capacity(panels * PANEL * cols);
-        let mut scales = Vec::with_capacity(panels * PANEL * groups);
+        let mut q = vec![0; Self::packed_len(rows, cols)];
+        let scales = pack(&mut q, w_q, w_scales, rows, cols, group_size);
+        PackedQ8 {
+            rows,
+            cols,
+            group_size,
+            q: PackedBytes::Owned(q),
+            scales,
+        }
+    }
+
+    /// As [`Self::new`], with the packed weights written to `dst`, which must have
+    /// [`Self::packed_len`] bytes and outlive the result: a model packs all its matrices
+    /// into one buffer that it keeps for as long as it keeps them.
+    pub fn pack_into(
+        dst: &'static mut [u8],
+        w_q: &[i8],
+        w_scales: &[f32],
+        rows: usize,
+        cols: usize,
+        group_size: usize,
+    ) -> Self {
+        assert_eq!(dst.len(), Self::packed_len(rows, cols));
+        let scales = pack(dst, w_q, w_scales, rows, cols, group_size);
+        PackedQ8 {
+            rows,
+            cols,
+            group_size,
+            q: PackedBytes::Shared(dst),
+            scales,
+        }
+    }
+
+    /// Bytes of packed weights for a matrix of this shape.
+    pub fn packed_len(rows: usize, cols: usize) -> usize {
+        rows.div_ceil(PANEL) * PANEL * cols
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        match &self.q {
+            PackedBytes::Owned(q) => q,
+            PackedBytes::Shared(q) => q,
+        }
+    }
+}
+
+/// Writes the packed weights into `q` and returns the packed scales.
+fn pack(
+    q: &mut [u8],
+    w_q: &[i8],
+    w_scales: &[f32],
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+) -> Vec<f32> {
+    assert!(
+        group_size.is_multiple_of(4) && cols.is_multiple_of(group_size),
+        "bad group size {group_size}"
+    );
+    assert_eq!(w_q.len(), rows * cols);
+    assert_eq!(w_scales.len(), rows * cols / group_size);
+    assert_eq!(q.len(), PackedQ8::packed_len(rows, cols));
+    let groups = cols / group_size;
+    let panels = rows.div_ceil(PANEL);
+    let mut blocks = q.chunks_exact_mut(4);
+    let mut scales = Vec::with_capacity(panels * PANEL * groups);
+    {
         for p in 0..panels {
             for g in group_order(groups) {
                 for k in (0..group_size).step_by(4) {
                     let col = g * group_size + k;
                     for r in p * PANEL..(p + 1) * PANEL {
+                        let block = blocks.next().expect("sized by packed_len");
                         if r < rows {
                             let w = &w_q[r * cols + col..r * cols + col + 4];
-                            q.extend(w.iter().map(|&v| (v as u8) ^ 0x80));
+                            for (b, &v) in block.iter_mut().zip(w) {
+                                *b = (v as u8) ^ 0x80;
+                            }
                         } else {
-                            q.extend([0x80; 4]);
+                            block.fill(0x80);
                         }
                     }
                 }
@@ -70,15 +137,11 @@ impl PackedQ8 {
                 }));
             }
         }
-        PackedQ8 {
-            rows,
-            cols,
-            group_size,
-            q,
-            scales,
-        }
     }
+    scales
+}
 
+impl PackedQ8 {
     pub fn panels(&self) -> usize {
         self.rows.div_ceil(PANEL)
     }

@@ -122,7 +122,7 @@ unsafe fn panels<const GS: usize>(
         // SAFETY: p < w.panels(), so both offsets are inside the packed arrays.
         let (wp, sp) = unsafe {
             (
-                w.q.as_ptr().add(p * w.panel_bytes()),
+                w.bytes().as_ptr().add(p * w.panel_bytes()),
                 w.scales.as_ptr().add(p * w.panel_scales()),
             )
         };

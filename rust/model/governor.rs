@@ -154,7 +154,10 @@ mod tests {
             let period = g.lock().period;
             run(&g, period, 1, 5);
             total += period;
-            assert!(total < 64 * MAX_PERIOD, "the window never reached its limit");
+            assert!(
+                total < 64 * MAX_PERIOD,
+                "the window never reached its limit"
+            );
         }
         run(&g, MAX_PERIOD, 1, 5);
         assert_eq!(g.lock().period, MAX_PERIOD);

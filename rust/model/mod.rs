@@ -84,7 +84,7 @@ pub struct Transformer {
 
 impl Transformer {
     pub fn open(path: &Path, options: &Options) -> Result<Transformer> {
-        let weights = Weights::open(path, options.expected_format)?;
+        let mut weights = Weights::open(path, options.expected_format)?;
         if options.mode == UpdateMode::Token && !weights.config.is_memory_model() {
             return Err(Error::InvalidSetting(
                 "token update mode needs a Llama2RNN memory model; this is a plain llama2.c model"
@@ -104,6 +104,10 @@ impl Transformer {
         } else {
             None
         };
+        match &pool {
+            Some(pool) => pool.install(|| weights.pack(options.kernel))?,
+            None => weights.pack(options.kernel)?,
+        }
         let c = weights.config;
         Ok(Transformer {
             rope: RopeTable::new(c.head_size(), c.cache_rows()),
