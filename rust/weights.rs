@@ -22,8 +22,8 @@ pub struct Matrix {
     /// The Q8_0 weights in the layout of the packed kernels, built on first use so that
     /// opening a checkpoint stays cheap and paths that do not pack never pay for it.
     packed: OnceLock<PackedQ8>,
-    /// Whether nothing reads the row-major weights once they are packed, so that their pages
-    /// can leave the resident set; not for a classifier that shares the embedding table.
+    /// Whether nothing reads the row-major weights once they are packed. Then their pages
+    /// can leave the resident set; a classifier that shares the embedding table keeps them.
     release_after_packing: bool,
 }
 
@@ -193,7 +193,7 @@ pub struct Weights {
     pub fingerprint: u64,
     _owned: Vec<Box<[f32]>>,
     _map: Mmap,
-    /// Where [`Weights::pack`] put the packed matrices, which borrow from it.
+    /// The mapping that [`Weights::pack`] packed the matrices into; they borrow from it.
     _packed: Option<MmapMut>,
 }
 
@@ -224,7 +224,7 @@ impl Weights {
         &self.config
     }
 
-    /// The matrices that multiply activations (every one but the embedding table).
+    /// Returns the matrices that multiply activations (all but the embedding table).
     fn matrices(&self) -> impl Iterator<Item = &Matrix> {
         let layers = self.layers.iter().flat_map(|l| {
             let memory = l.memory.iter().flat_map(|m| [&m.aw1, &m.aw2, &m.aw3]);
@@ -236,7 +236,7 @@ impl Weights {
     }
 
     /// Packs every Q8_0 matrix for `kernel` (nothing when it does not pack), into one buffer
-    /// that starts on a 2 MiB boundary and asks for huge pages: a decode token streams all of
+    /// that starts on a 2 MiB boundary and requests huge pages: a decode token streams all of
     /// it, and on 4 KiB pages the TLB misses cost the 110M shape about a fifth of its decode
     /// speed on the machine of `benches/RESULTS.md`. Runs in parallel inside a thread pool.
     pub fn pack(&mut self, kernel: KernelPath) -> Result<()> {

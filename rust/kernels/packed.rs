@@ -1,7 +1,7 @@
 //! Q8_0 weights rearranged for the AVX-512 VNNI kernels.
 //!
-//! A panel holds 16 consecutive rows. Within a panel, each group of `group_size` columns is
-//! stored as `group_size / 4` blocks of 64 bytes, and block k holds columns `4k..4k + 4` of
+//! A panel has 16 consecutive rows. Within a panel, each group of `group_size` columns is
+//! stored as `group_size / 4` blocks of 64 bytes, and block k has columns `4k..4k + 4` of
 //! the group for the 16 rows, row after row. One 512-bit `dpbusd` of a block against the four
 //! activation bytes of those columns, broadcast to every lane, adds four products to each
 //! row's sum: lane r always belongs to row r, so a group's int32 sums end up one per lane with

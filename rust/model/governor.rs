@@ -8,9 +8,9 @@
 //! thread is faster by a clear margin, so that noise on a quiet machine does not give up the
 //! second thread.
 //!
-//! A probe on a contended pool can stall for a whole scheduler time slice, so while the
-//! calling thread keeps winning, each window is twice as long as the one before (up to
-//! `MAX_PERIOD` tokens), which keeps the probes' cost to a few percent. The decision at the
+//! A probe on a contended pool can stall for a whole scheduler time slice. So while the
+//! calling thread keeps winning, each window is twice as long as the one before, up to
+//! `MAX_PERIOD` tokens; that keeps the probes' cost to a few percent. The decision at the
 //! end of a window's probes sets the length of that same window.
 
 use std::sync::Mutex;
@@ -57,7 +57,7 @@ impl Governor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
-        // The window holds plain numbers, valid even if a holder panicked.
+        // The window has plain numbers, valid even if a holder panicked.
         self.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -80,8 +80,8 @@ impl Governor {
         }
     }
 
-    /// Records the time of a token run the way `choice` chose; the last probe of a window
-    /// decides the rest of it and the length of the next.
+    /// Records the time of a token that ran as `choice` said. The last probe of a window
+    /// decides the rest of it and sets its length.
     pub fn record(&self, choice: Choice, elapsed: Duration) {
         let Some(k) = choice.probe else { return };
         let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
