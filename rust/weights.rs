@@ -19,8 +19,8 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub data: MatrixData,
-    /// The Q8_0 weights in the layout of the packed kernels, built on first use so that
-    /// opening a checkpoint stays cheap and paths that do not pack never pay for it.
+    /// The Q8_0 weights in the layout of the packed kernels, set by [`Weights::pack`] when the
+    /// kernel path packs them.
     packed: OnceLock<PackedQ8>,
     /// Whether nothing reads the row-major weights once they are packed. Then their pages
     /// can leave the resident set; a classifier that shares the embedding table keeps them.
@@ -74,23 +74,11 @@ impl Matrix {
         }
     }
 
-    /// Returns the packed weights when `kernel` runs this matrix packed, packing on the first
-    /// call if [`Weights::pack`] did not.
+    /// Returns the packed weights when `kernel` runs this matrix packed. [`Weights::pack`]
+    /// made them when the model was opened; a path that does not pack gets None, and so
+    /// runs the row-major weights.
     pub fn packed(&self, kernel: KernelPath) -> Option<&PackedQ8> {
-        match self.data {
-            MatrixData::Q8 {
-                q,
-                scales,
-                group_size,
-            } if kernel.packs(group_size) => Some(self.packed.get_or_init(|| {
-                let packed = PackedQ8::new(q, scales, self.rows, self.cols, group_size);
-                if self.release_after_packing {
-                    release_pages(q);
-                }
-                packed
-            })),
-            _ => None,
-        }
+        self.packed.get().filter(|_| self.packs(kernel))
     }
 
     /// Writes row `row` as fp32 into `out` (`cols` values), dequantizing Q8_0.
@@ -133,11 +121,11 @@ fn release_pages(bytes: &[i8]) {
     let _ = bytes;
 }
 
-/// Asks the kernel to back `bytes` (untouched anonymous memory) with huge pages where
-/// transparent huge pages are enabled on request. A hint: its result is ignored.
+/// Requests huge pages for `bytes` (untouched anonymous memory) where transparent huge pages
+/// are enabled on request. The advice is a hint, so its result is ignored.
 fn advise_huge_pages(bytes: &mut [u8]) {
     #[cfg(target_os = "linux")]
-    // SAFETY: the range is memory this process owns; the advice changes how the kernel backs
+    // SAFETY: the range is memory this process owns. The advice changes how the kernel backs
     // the pages, not their contents.
     unsafe {
         libc::madvise(
@@ -235,16 +223,17 @@ impl Weights {
         layers.chain([&self.wcls])
     }
 
-    /// Packs every Q8_0 matrix for `kernel` (nothing when it does not pack), into one buffer
-    /// that starts on a 2 MiB boundary and requests huge pages: a decode token streams all of
-    /// it, and on 4 KiB pages the TLB misses cost the 110M shape about a fifth of its decode
-    /// speed on the machine of `benches/RESULTS.md`. Runs in parallel inside a thread pool.
-    pub fn pack(&mut self, kernel: KernelPath) -> Result<()> {
+    /// Packs every Q8_0 matrix for `kernel` into one buffer, once; does nothing when the
+    /// path does not pack. The buffer starts on a 2 MiB boundary and requests huge pages,
+    /// because a decode token streams all of it. On 4 KiB pages the TLB misses cost the 110M
+    /// shape about a fifth of its decode speed (`benches/RESULTS.md`). Inside a thread pool
+    /// the matrices are packed in parallel.
+    pub(crate) fn pack(&mut self, kernel: KernelPath) -> Result<()> {
         const HUGE_PAGE: usize = 2 << 20;
-        let todo: Vec<&Matrix> = self
-            .matrices()
-            .filter(|m| m.packed.get().is_none() && m.packs(kernel))
-            .collect();
+        if self._packed.is_some() {
+            return Ok(());
+        }
+        let todo: Vec<&Matrix> = self.matrices().filter(|m| m.packs(kernel)).collect();
         let lens: Vec<usize> = todo
             .iter()
             .map(|m| PackedQ8::packed_len(m.rows, m.cols))
@@ -253,6 +242,7 @@ impl Weights {
         if total == 0 {
             return Ok(());
         }
+
         let mut map = MmapMut::map_anon(total + HUGE_PAGE).map_err(|_| Error::OutOfMemory {
             what: "packed weights",
             field: "dimensions",
@@ -260,11 +250,12 @@ impl Weights {
         })?;
         let base = map.as_mut_ptr();
         let offset = (base as usize).next_multiple_of(HUGE_PAGE) - base as usize;
-        // SAFETY: `offset + total` bytes fit the map, which `_packed` keeps for as long as the
-        // matrices that borrow from it; moving the map does not move its memory.
+        // SAFETY: `offset + total` bytes fit the map. `_packed` keeps the map for as long as
+        // the matrices that borrow from it, and moving the map does not move its memory.
         let mut rest: &'static mut [u8] =
             unsafe { std::slice::from_raw_parts_mut(base.add(offset), total) };
         advise_huge_pages(rest);
+
         let mut slots = Vec::with_capacity(lens.len());
         for len in lens {
             let (slot, tail) = rest.split_at_mut(len);
