@@ -577,7 +577,7 @@ def test_engine_matches_torch_baseline_fp32(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not HAS_ENGINE, reason="the Rust extension llama2rnn._llama2rnn is not built")
-def test_export_seq_len_runs_plain_model_past_training_length(tmp_path: Path) -> None:
+def test_export_seq_len_past_training(tmp_path: Path) -> None:
     cfg = Config(
         dim=64,
         hidden_dim=128,

@@ -138,7 +138,7 @@ impl KernelPath {
         self == KernelPath::Avx512Vnni && group_size.is_multiple_of(4)
     }
 
-    /// `out[b * stride + r - first] = dot(w row r, xs[b])` for every row `r` of the panels in
+    /// Computes `out[b * stride + r - first] = dot(w row r, xs[b])` for every row `r` of the panels in
     /// `panels` and every input, where `first = panels.start * PANEL`. Only for paths that
     /// [`packs`](Self::packs) the weights' group size.
     pub fn matmul_packed(
@@ -175,8 +175,8 @@ impl KernelPath {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `packs` holds, so this is the AVX-512 VNNI path, which was checked against
-        // the CPU when it was constructed; the shapes and lengths were asserted above.
+        // SAFETY: `packs` is true, so this is the AVX-512 VNNI path, which was checked against
+        // the CPU when it was constructed. The shapes and lengths were asserted above.
         unsafe {
             x86_packed::matmul_packed(out, stride, w, panels, xs)
         }

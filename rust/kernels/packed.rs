@@ -4,8 +4,8 @@
 //! stored as `group_size / 4` blocks of 64 bytes, and block k has columns `4k..4k + 4` of
 //! the group for the 16 rows, row after row. One 512-bit `dpbusd` of a block against the four
 //! activation bytes of those columns, broadcast to every lane, adds four products to each
-//! row's sum: lane r always belongs to row r, so a group's int32 sums end up one per lane with
-//! no horizontal reduction, and one block load serves every activation vector of a batch.
+//! row's sum. Lane r always belongs to row r, so a group's int32 sums end up one per lane with
+//! no horizontal reduction. One block load also serves every activation vector of a batch.
 //!
 //! `dpbusd` multiplies unsigned by signed bytes. The weights are stored as `w + 128` (the sign
 //! bit flipped) and the activations stay signed, so each group sum carries an extra
@@ -13,8 +13,8 @@
 //!
 //! Groups are stored in the order the kernel visits them: every group of one lane of the
 //! portable kernel's eight (g % 8, see `super::generic::accumulate_group`), then the next
-//! lane, in [`LANE_ORDER`]: the order in which `super::generic::sum_lanes` adds them, so that
-//! the kernel can add each finished lane into the total without keeping all eight.
+//! lane. The lanes follow [`LANE_ORDER`], the order in which `super::generic::sum_lanes`
+//! adds them, so the kernel adds each finished lane into the total without keeping all eight.
 //!
 //! Rows past the end of the matrix, in the last panel, have weight 0 and scale 0.
 

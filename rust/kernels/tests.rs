@@ -253,8 +253,8 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
         return;
     };
     let mut rng = Lcg(99);
-    // Rows that leave the last panel partly empty; 1 to 17 groups, so every lane count and a
-    // second round of lanes; group sizes of both specialized widths and the general one.
+    // Rows that leave the last panel partly empty. 1 to 64 groups cover lanes with no groups and
+    // several rounds of lanes. The group sizes cover both specialized widths and the general one.
     for &(rows, cols, gs) in &[
         (5, 288, 32),
         (16, 32, 32),

@@ -26,7 +26,8 @@ struct Tile<const B: usize> {
     out: [*mut f32; B],
 }
 
-/// One panel against the `B` inputs of `tile`, writing the first `valid` of its 16 rows.
+/// Multiplies one panel by the `B` inputs of `tile` and writes the first `valid` of its 16
+/// rows.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI; `w` and `ws` must point at a whole panel of
@@ -47,7 +48,7 @@ unsafe fn panel<const B: usize, const GS: usize>(
     let group_bytes = gs / 4 * block_bytes;
     // Finished lanes, combined as soon as their partner in the tree of `generic::sum_lanes`
     // is done: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
-    let mut held = [[_mm512_setzero_ps(); 3]; B];
+    let mut pending = [[_mm512_setzero_ps(); 3]; B];
     let mut total = [_mm512_setzero_ps(); B];
     let (mut wp, mut sp) = (w, ws);
     // SAFETY (whole body): the pointers advance through exactly one panel's blocks and scales
@@ -78,7 +79,7 @@ unsafe fn panel<const B: usize, const GS: usize>(
                 sp = sp.add(PANEL);
             }
             for b in 0..B {
-                let (h, a) = (&mut held[b], acc[b]);
+                let (h, a) = (&mut pending[b], acc[b]);
                 match step {
                     0 => h[0] = a,                                           // l0
                     1 => h[0] = _mm512_add_ps(h[0], a),                      // l0 + l4
@@ -101,8 +102,8 @@ unsafe fn panel<const B: usize, const GS: usize>(
     }
 }
 
-/// Panels `panels` of `w` against every input of `xs`, `B` at a time, the panel loop outside
-/// so that a panel stays in cache while all inputs pass over it.
+/// Multiplies the panels `panels` of `w` by every input of `xs`, `INPUTS` at a time. The panel
+/// loop is the outer one, so that a panel stays in cache while all inputs pass over it.
 ///
 /// # Safety
 /// As for [`matmul_packed`].
@@ -131,7 +132,7 @@ unsafe fn panels<const GS: usize>(
             let count = (xs.len() - b0).min(INPUTS);
             let row = p * PANEL - first_row;
             // SAFETY: the caller sized `out` for every input and row of these panels, and
-            // each input holds `cols` values and `groups` scales and sums.
+            // each input has `cols` values and `groups` scales and sums.
             unsafe {
                 macro_rules! run {
                     ($b:literal) => {{
@@ -160,8 +161,8 @@ unsafe fn panels<const GS: usize>(
     }
 }
 
-/// `out[b * stride + r - first] = dot(W row r, xs[b])` for the rows `r` of `panels`, where
-/// `first` is the first row of the first panel.
+/// Computes `out[b * stride + r - first] = dot(W row r, xs[b])` for the rows `r` of `panels`,
+/// where `first` is the first row of the first panel.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI. Every input must have `w.cols` values

@@ -1,7 +1,8 @@
-//! AVX-512 activation quantizer, bit-identical to `QuantizedVec::quantize_from`: the scale is
-//! computed by the same scalar division, each value is divided by it (IEEE division is
-//! exact in every lane), clamped, and rounded half away from zero from the truncated value
-//! and the exact remainder. A group holding a NaN or an infinity takes the scalar code.
+//! AVX-512 activation quantizer, bit-identical to `QuantizedVec::quantize_from`. The scale
+//! comes from the same scalar division, and each value is divided by it in a SIMD lane (IEEE
+//! division is exact in every lane). The quotient is clamped and rounded half away from zero
+//! from its truncated value and the exact remainder. A group with a NaN or an infinity takes
+//! the scalar code.
 
 use std::arch::x86_64::*;
 
@@ -29,15 +30,17 @@ unsafe fn group(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
     if !finite {
         return None;
     }
+
     let scale = _mm512_reduce_max_ps(max_abs) / Q_MAX;
     if scale <= 0.0 {
         q.fill(0);
         return Some((scale, 0));
     }
+
     let scale_v = _mm512_set1_ps(scale);
     let (low, high) = (_mm512_set1_ps(-Q_MAX), _mm512_set1_ps(Q_MAX));
     let (half, minus_half) = (_mm512_set1_ps(0.5), _mm512_set1_ps(-0.5));
-    let one = _mm512_set1_epi32(1);
+    let ones = _mm512_set1_epi32(1);
     let mut sum = _mm512_setzero_si512();
     for (chunk, out) in x.chunks_exact(16).zip(q.chunks_exact_mut(16)) {
         // SAFETY: the chunk has 16 floats.
@@ -48,10 +51,10 @@ unsafe fn group(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
         let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fraction, half);
         let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(fraction, minus_half);
         let rounded = _mm512_mask_sub_epi32(
-            _mm512_mask_add_epi32(truncated, up, truncated, one),
+            _mm512_mask_add_epi32(truncated, up, truncated, ones),
             down,
             truncated,
-            one,
+            ones,
         );
         sum = _mm512_add_epi32(sum, rounded);
         // SAFETY: `out` has 16 bytes.
@@ -65,7 +68,8 @@ unsafe fn group(x: &[f32], q: &mut [i8]) -> Option<(f32, i32)> {
     Some((scale, _mm512_reduce_add_epi32(sum)))
 }
 
-/// `xq.quantize_from(x)` for group sizes that are multiples of 16.
+/// Quantizes `x` into `xq` as `xq.quantize_from(x)` does, for group sizes that are
+/// multiples of 16.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW; `xq.group_size` must be a multiple of 16 that

@@ -114,7 +114,7 @@ fn attention_body(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `out[j] = dot(q, k row j) * scale` for 8 rows `stride` floats apart, with the sums
+    /// Computes `out[j] = dot(q, k row j) * scale` for 8 rows `stride` floats apart, with the sums
     /// of `kernels::dot_f32`: lane i of each row's sum takes the products at offsets
     /// i mod 8 in order, and the lanes are added in `sum_lanes` order. Eight rows at once
     /// let one transpose replace eight horizontal sums.
@@ -138,6 +138,7 @@ mod x86 {
                 }
             }
         }
+
         // Per row, a = (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then (a0 + a2) + (a1 + a3).
         let halves = |x: __m256, y: __m256| {
             _mm256_add_ps(
@@ -166,7 +167,7 @@ mod x86 {
         };
     }
 
-    /// `out += weights[j] * v row j` for 8 rows `stride` floats apart, in row order, each
+    /// Adds `weights[j] * v row j` to `out` for 8 rows `stride` floats apart, in row order, each
     /// output kept in a register across the rows.
     ///
     /// # Safety

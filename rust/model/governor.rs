@@ -10,7 +10,7 @@
 //!
 //! A probe on a contended pool can stall for a whole scheduler time slice. So while the
 //! calling thread keeps winning, each window is twice as long as the one before, up to
-//! `MAX_PERIOD` tokens; that keeps the probes' cost to a few percent. The decision at the
+//! `MAX_PERIOD` tokens. That keeps the probes' cost to a few percent. The decision at the
 //! end of a window's probes sets the length of that same window.
 
 use std::sync::Mutex;
@@ -80,7 +80,7 @@ impl Governor {
         }
     }
 
-    /// Records the time of a token that ran as `choice` said. The last probe of a window
+    /// Records the time of a token that ran the way `choice` chose. The last probe of a window
     /// decides the rest of it and sets its length.
     pub fn record(&self, choice: Choice, elapsed: Duration) {
         let Some(k) = choice.probe else { return };

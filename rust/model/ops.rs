@@ -53,6 +53,7 @@ pub fn exp(x: f32) -> f32 {
     // Selects instead of early returns, so that loops over this vectorize; NaN passes every
     // comparison as false and stays NaN.
     let xc = x.clamp(LOW, HIGH);
+
     let shifted = xc * LOG2_E + ROUND;
     let n = shifted - ROUND;
     let r = (xc - n * LN2_HIGH) - n * LN2_LOW;
@@ -63,6 +64,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e_r = p * (r * r) + r + 1.0;
+
     // n as an integer from the low bits of `shifted`, without a float conversion; 2^n as two
     // factors, since n can reach 128, one past the largest exponent (multiplying by powers
     // of two is exact).
@@ -88,8 +90,8 @@ pub fn swiglu(a: &mut [f32], b: &[f32]) {
     swiglu_body(a, b)
 }
 
-/// The same loop compiled eight floats wide; each element takes the same steps, so the bits
-/// are the same.
+/// Runs the same loop compiled eight floats wide. Each element takes the same steps, so the
+/// bits are the same.
 ///
 /// # Safety
 /// The CPU must support AVX2.
