@@ -1,7 +1,19 @@
-//! Multi-head attention of one query over the rows of a key/value window.
+//! Multi-head attention of queries over the rows of a key/value window.
+//!
+//! The portable code below defines the arithmetic: a score is `dot(q, k) * scale` with the
+//! eight-lane sums of `kernels::dot_f32`, each head's scores go through `softmax`, and each
+//! output starts at zero and adds `weight * value` row after row. The x86 kernels in
+//! `attention_x86` follow the same steps and return the same bits.
 
 use super::ops::{dot, softmax};
 use crate::config::Config;
+
+#[cfg(target_arch = "x86_64")]
+use super::attention_x86 as x86;
+
+/// Queries per tile of [`attention_tile`]: a tile reads each key and value row once for all
+/// its queries while the row is in the first-level cache.
+pub(super) const TILE: usize = 4;
 
 /// Multi-head attention of one query over window rows `0..=row`, written to `out` (dim).
 /// `scores` must have at least `n_heads * (row + 1)` values of scratch.
@@ -20,6 +32,47 @@ pub(super) fn attention(
         return unsafe { attention_avx2(q, keys, values, row, c, out, scores) };
     }
     attention_body(q, keys, values, row, c, out, scores)
+}
+
+/// Attention of `TILE` consecutive queries, query `j` (`queries[j * dim..]`) at window row
+/// `row + j`, so that it sees rows `0..=row + j`. Query `j` writes `out[j * dim..]` and uses
+/// `scores[j * scores_stride..]`, which must hold `n_heads * (row + j + 1)` values. The
+/// results are those of [`attention`] for each query.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_tile(
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    row: usize,
+    c: &Config,
+    out: &mut [f32],
+    scores: &mut [f32],
+    scores_stride: usize,
+) {
+    let dim = c.dim;
+    assert!(queries.len() >= TILE * dim && out.len() >= TILE * dim);
+    assert!(scores.len() >= (TILE - 1) * scores_stride + c.n_heads * (row + TILE));
+    #[cfg(target_arch = "x86_64")]
+    if x86::tile_supported(c) {
+        assert!(
+            keys.len() >= (row + TILE) * c.kv_dim() && values.len() >= (row + TILE) * c.kv_dim()
+        );
+        // SAFETY: the CPU features were checked and the slices hold what the tile reads.
+        return unsafe {
+            x86::attention_tile(queries, keys, values, row, c, out, scores, scores_stride)
+        };
+    }
+    for j in 0..TILE {
+        attention(
+            &queries[j * dim..(j + 1) * dim],
+            keys,
+            values,
+            row + j,
+            c,
+            &mut out[j * dim..(j + 1) * dim],
+            &mut scores[j * scores_stride..],
+        );
+    }
 }
 
 /// Runs the same code compiled for AVX2, which vectorizes the dot products and the weighted sums
@@ -51,13 +104,34 @@ fn attention_body(
     out: &mut [f32],
     scores: &mut [f32],
 ) {
-    let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
-    let scale = 1.0 / (head_size as f32).sqrt();
     let n = row + 1;
     // One row of scores per head; the window is walked front to back, each key and value
     // row read once for all heads.
     let scores = &mut scores[..c.n_heads * n];
-    let mut t = 0;
+    fill_scores(q, keys, 0, n, c, scores);
+    for head_scores in scores.chunks_exact_mut(n) {
+        softmax(head_scores);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::weighted_values(out, scores, n, values, c) {
+        return;
+    }
+    weighted_values(out, scores, n, values, c);
+}
+
+/// Fills the scores of rows `from..n` of every head: `scores[h * n + t]`.
+#[inline(always)]
+pub(super) fn fill_scores(
+    q: &[f32],
+    keys: &[f32],
+    from: usize,
+    n: usize,
+    c: &Config,
+    scores: &mut [f32],
+) {
+    let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
+    let scale = 1.0 / (head_size as f32).sqrt();
+    let mut t = from;
     #[cfg(target_arch = "x86_64")]
     if head_size % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") {
         while t + 8 <= n {
@@ -76,10 +150,13 @@ fn attention_body(
             scores[h * n + t] = dot(&q[h * head_size..(h + 1) * head_size], k) * scale;
         }
     }
-    for head_scores in scores.chunks_exact_mut(n) {
-        softmax(head_scores);
-    }
-    // Each output adds its weighted values in window order.
+}
+
+/// Sets `out` to the score-weighted sum of value rows `0..n`, each output adding its rows in
+/// window order.
+#[inline(always)]
+fn weighted_values(out: &mut [f32], scores: &[f32], n: usize, values: &[f32], c: &Config) {
+    let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
     out.fill(0.0);
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
@@ -110,117 +187,56 @@ fn attention_body(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    /// Computes `out[j] = dot(q, k row j) * scale` for 8 rows `stride` floats apart, with the sums
-    /// of `kernels::dot_f32`: lane i of each row's sum takes the products at offsets
-    /// i mod 8 in order, and the lanes are added in `sum_lanes` order. Eight rows at once
-    /// let one transpose replace eight horizontal sums.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2; `q.len()` must be a multiple of 8 and `k` must hold
-    /// `7 * stride + q.len()` floats.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn scores8(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        debug_assert!(
-            q.len().is_multiple_of(8) && k.len() >= 7 * stride + q.len() && out.len() == 8
-        );
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for c in (0..q.len()).step_by(8) {
-            // SAFETY: c + 8 <= q.len(), and row j's slice ends inside k (caller's guarantee).
-            unsafe {
-                let qv = _mm256_loadu_ps(q.as_ptr().add(c));
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let kv = _mm256_loadu_ps(k.as_ptr().add(j * stride + c));
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
-                }
-            }
-        }
-
-        // Per row, a = (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then (a0 + a2) + (a1 + a3).
-        let halves = |x: __m256, y: __m256| {
-            _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(x, y),
-                _mm256_permute2f128_ps::<0x31>(x, y),
-            )
-        };
-        let (a01, a23) = (halves(acc[0], acc[1]), halves(acc[2], acc[3]));
-        let (a45, a67) = (halves(acc[4], acc[5]), halves(acc[6], acc[7]));
-        // Within each 128-bit lane: (a0 + a2, a1 + a3) of two rows.
-        let pair = |x: __m256, y: __m256| {
-            _mm256_add_ps(
-                _mm256_shuffle_ps::<0b01_00_01_00>(x, y),
-                _mm256_shuffle_ps::<0b11_10_11_10>(x, y),
-            )
-        };
-        // Rows in lanes: 0, 2, 4, 6 | 1, 3, 5, 7.
-        let sums = _mm256_hadd_ps(pair(a01, a23), pair(a45, a67));
-        let ordered = _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        // SAFETY: out has 8 floats.
-        unsafe {
-            _mm256_storeu_ps(
-                out.as_mut_ptr(),
-                _mm256_mul_ps(ordered, _mm256_set1_ps(scale)),
-            )
-        };
-    }
-
-    /// Adds `weights[j] * v row j` to `out` for 8 rows `stride` floats apart, in row order, each
-    /// output kept in a register across the rows.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2; `out.len()` must be a multiple of 8 and `v` must hold
-    /// `7 * stride + out.len()` floats.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn add_values8(out: &mut [f32], weights: &[f32], v: &[f32], stride: usize) {
-        debug_assert!(out.len().is_multiple_of(8) && v.len() >= 7 * stride + out.len());
-        let w: [__m256; 8] = std::array::from_fn(|j| _mm256_set1_ps(weights[j]));
-        for c in (0..out.len()).step_by(8) {
-            // SAFETY: c + 8 <= out.len(), and row j's slice ends inside v (caller's guarantee).
-            unsafe {
-                let mut o = _mm256_loadu_ps(out.as_ptr().add(c));
-                for (j, wj) in w.iter().enumerate() {
-                    let vj = _mm256_loadu_ps(v.as_ptr().add(j * stride + c));
-                    o = _mm256_add_ps(o, _mm256_mul_ps(*wj, vj));
-                }
-                _mm256_storeu_ps(out.as_mut_ptr().add(c), o);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn eight_row_blocks_match_row_loops() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            return;
-        }
-        let (head_size, stride) = (48, 80);
-        let value = |i: usize| ((i * 7919 % 1000) as f32 / 300.0 - 1.6).powi(3);
-        let q: Vec<f32> = (0..head_size).map(value).collect();
-        let k: Vec<f32> = (0..8 * stride).map(|i| value(i + 17)).collect();
-        let mut out = [0.0f32; 8];
-        // SAFETY: AVX2 was detected; k has 8 rows of `stride` floats.
-        unsafe { super::x86::scores8(&q, &k, stride, 0.3, &mut out) };
-        for (j, got) in out.iter().enumerate() {
-            let want = super::dot(&q, &k[j * stride..j * stride + head_size]) * 0.3;
-            assert_eq!(got.to_bits(), want.to_bits(), "row {j}: {got} vs {want}");
-        }
+    use super::*;
 
-        let weights: Vec<f32> = (0..8).map(|j| value(j + 3)).collect();
-        let mut got: Vec<f32> = (0..head_size).map(|i| value(i + 5)).collect();
-        let mut want = got.clone();
-        // SAFETY: as above.
-        unsafe { super::x86::add_values8(&mut got, &weights, &k, stride) };
-        for (j, &w) in weights.iter().enumerate() {
-            for (o, &v) in want.iter_mut().zip(&k[j * stride..j * stride + head_size]) {
-                *o += w * v;
+    /// A tile gives each query the bits of its own attention, for head sizes the tile kernels
+    /// take and one they leave to the fallback, at rows inside and across 8-row blocks.
+    #[test]
+    fn tiles_match_one_query_at_a_time() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 / 300.0 - 1.6).powi(3);
+        for (head_size, n_heads, n_kv_heads) in [(48, 6, 6), (64, 4, 2), (128, 2, 2), (24, 3, 3)] {
+            let c = Config {
+                dim: head_size * n_heads,
+                hidden_dim: 1,
+                n_layers: 1,
+                n_heads,
+                n_kv_heads,
+                vocab_size: 1,
+                seq_len: 64,
+                mem_len: 0,
+                shared_classifier: true,
+            };
+            let (dim, rows) = (c.dim, c.seq_len);
+            let keys: Vec<f32> = (0..rows * c.kv_dim()).map(|i| value(i + 1)).collect();
+            let values: Vec<f32> = (0..rows * c.kv_dim()).map(|i| value(i + 2)).collect();
+            let queries: Vec<f32> = (0..TILE * dim).map(|i| value(i + 3)).collect();
+            let stride = n_heads * rows;
+            for row in [0, 5, 7, 8, 21, rows - TILE] {
+                let mut got = vec![f32::NAN; TILE * dim];
+                let mut scores = vec![0.0; TILE * stride];
+                attention_tile(
+                    &queries,
+                    &keys,
+                    &values,
+                    row,
+                    &c,
+                    &mut got,
+                    &mut scores,
+                    stride,
+                );
+                for j in 0..TILE {
+                    let mut want = vec![0.0; dim];
+                    let q = &queries[j * dim..(j + 1) * dim];
+                    attention(q, &keys, &values, row + j, &c, &mut want, &mut scores);
+                    assert_eq!(
+                        &got[j * dim..(j + 1) * dim],
+                        &want[..],
+                        "head size {head_size}, row {row} + {j}"
+                    );
+                }
             }
         }
-        assert_eq!(got, want);
     }
 }

@@ -1,6 +1,8 @@
 //! The transformer: weights, kernel path and threads, and the forward pass over a [`State`].
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_x86;
 mod ffn;
 mod forward;
 mod governor;

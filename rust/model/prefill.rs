@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::attention::attention;
+use super::attention::{attention, attention_tile, TILE};
 use super::ffn::{Ffn, FfnBuffers};
 use super::ops::{add_in_place, rmsnorm};
 use super::state::batch_rows;
@@ -124,22 +124,36 @@ impl Transformer {
             }
 
             // Causal attention: token i attends to window rows 0..=first_row + i. Tokens are
-            // independent here, so they run in parallel, each writing its row of b.a.
+            // independent here, so tiles of TILE tokens run in parallel, each writing its rows
+            // of b.a; a tile reads each window row once for all its tokens.
             let keys = &key_cache[layer_cache..layer_cache + rows * kv_dim];
             let values = &value_cache[layer_cache..layer_cache + rows * kv_dim];
-            let queries = &b.q;
-            let attend = |(i, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
-                let q = &queries[i * dim..(i + 1) * dim];
-                attention(q, keys, values, first_row + i, &c, out, scores);
+            let (queries, stride) = (&b.q, c.n_heads * rows);
+            let attend = |(k, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
+                let first = k * TILE;
+                if out.len() == TILE * dim {
+                    let q = &queries[first * dim..(first + TILE) * dim];
+                    attention_tile(q, keys, values, first_row + first, &c, out, scores, stride);
+                    return;
+                }
+                // The last, partial tile: one token at a time.
+                for (j, (out, scores)) in out
+                    .chunks_mut(dim)
+                    .zip(scores.chunks_mut(stride))
+                    .enumerate()
+                {
+                    let q = &queries[(first + j) * dim..(first + j + 1) * dim];
+                    attention(q, keys, values, first_row + first + j, &c, out, scores);
+                }
             };
             if self.parallel() {
-                let outs = b.a[..n * dim].par_chunks_mut(dim);
-                outs.zip(b.scores.par_chunks_mut(c.n_heads * rows))
+                let outs = b.a[..n * dim].par_chunks_mut(TILE * dim);
+                outs.zip(b.scores.par_chunks_mut(TILE * stride))
                     .enumerate()
                     .for_each(attend);
             } else {
-                let outs = b.a[..n * dim].chunks_mut(dim);
-                outs.zip(b.scores.chunks_mut(c.n_heads * rows))
+                let outs = b.a[..n * dim].chunks_mut(TILE * dim);
+                outs.zip(b.scores.chunks_mut(TILE * stride))
                     .enumerate()
                     .for_each(attend);
             }
