@@ -109,33 +109,34 @@ fn pack(
     assert_eq!(q.len(), PackedQ8::packed_len(rows, cols));
     let groups = cols / group_size;
     let panels = rows.div_ceil(PANEL);
-    let mut blocks = q.chunks_exact_mut(4);
-    let mut scales = Vec::with_capacity(panels * PANEL * groups);
-    {
-        for p in 0..panels {
-            for g in group_order(groups) {
-                for k in (0..group_size).step_by(4) {
-                    let col = g * group_size + k;
-                    for r in p * PANEL..(p + 1) * PANEL {
-                        let block = blocks.next().expect("sized by packed_len");
-                        if r < rows {
-                            let w = &w_q[r * cols + col..r * cols + col + 4];
-                            for (b, &v) in block.iter_mut().zip(w) {
-                                *b = (v as u8) ^ 0x80;
-                            }
-                        } else {
-                            block.fill(0x80);
-                        }
-                    }
-                }
-                scales.extend((p * PANEL..(p + 1) * PANEL).map(|r| {
-                    if r < rows {
-                        w_scales[r * groups + g]
-                    } else {
-                        0.0
-                    }
-                }));
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+    let w_bytes = unsafe { std::slice::from_raw_parts(w_q.as_ptr() as *const u8, w_q.len()) };
+    // Four columns of one row move as one little-endian word, their sign bits flipped; rows
+    // past the end are weight 0, stored as 0x80.
+    const FLIP: u32 = 0x8080_8080;
+    let block_bytes = PANEL * 4;
+    let group_bytes = group_size * PANEL;
+    // Where each group goes within its panel.
+    let mut slot = vec![0; groups];
+    for (i, g) in group_order(groups).enumerate() {
+        slot[g] = i;
+    }
+    // Rows padding the last panel keep weight 0 (0x80) and scale 0.
+    q[rows * cols..].fill(0x80);
+    let mut scales = vec![0.0; panels * PANEL * groups];
+    // The source is read in file order, which the hardware prefetcher streams; the writes
+    // scatter within the panel, which stays in cache.
+    for r in 0..rows {
+        let (p, lane) = (r / PANEL, r % PANEL);
+        let row = &w_bytes[r * cols..(r + 1) * cols];
+        let panel = &mut q[p * PANEL * cols..(p + 1) * PANEL * cols];
+        for (g, group) in row.chunks_exact(group_size).enumerate() {
+            let out = &mut panel[slot[g] * group_bytes..(slot[g] + 1) * group_bytes];
+            for (k, word) in group.chunks_exact(4).enumerate() {
+                let word = u32::from_le_bytes(word.try_into().unwrap()) ^ FLIP;
+                out[k * block_bytes + 4 * lane..][..4].copy_from_slice(&word.to_le_bytes());
             }
+            scales[(p * groups + slot[g]) * PANEL + lane] = w_scales[r * groups + g];
         }
     }
     scales
