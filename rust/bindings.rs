@@ -276,7 +276,7 @@ impl Engine {
     /// Serializes the whole recurrent state and the sampler state as memory-file bytes.
     #[pyo3(signature = (last_token=None, saved_unix_ms=0))]
     fn save_state<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
         last_token: Option<u32>,
         saved_unix_ms: u64,
@@ -286,7 +286,8 @@ impl Engine {
             last_token,
             saved_unix_ms,
         };
-        let bytes = py.detach(|| memory_file::encode(&self.model, &self.state, &info));
+        let Engine { model, state, .. } = self;
+        let bytes = py.detach(|| memory_file::encode(model, state, &info));
         PyBytes::new(py, &bytes)
     }
 

@@ -79,7 +79,9 @@ fn stored_rows(model: &Transformer, state: &State) -> usize {
 }
 
 /// Serializes `state` of `model` with the front end's `info`.
-pub fn encode(model: &Transformer, state: &State, info: &SessionInfo) -> Vec<u8> {
+pub fn encode(model: &Transformer, state: &mut State, info: &SessionInfo) -> Vec<u8> {
+    model.ready_window(state);
+    let state = &*state;
     let c = *model.config();
     let rows = stored_rows(model, state);
     let mut out =
@@ -286,6 +288,7 @@ pub fn decode(model: &Transformer, state: &mut State, bytes: &[u8]) -> Result<Se
             .for_each(|d| *d = values.next().expect("length checked"))
     };
     take(&mut state.mem);
+    state.window_pending = false;
     let layer_len = c.cache_rows() * c.kv_dim();
     for cache in [&mut state.key_cache, &mut state.value_cache] {
         for l in 0..c.n_layers {

@@ -491,6 +491,22 @@ def test_reset_and_position_zero_load_clear_logits(tmp_path):
     np.testing.assert_array_equal(model.engine.logits(), 0.0)
 
 
+def test_initial_memory_is_the_same_computed_or_copied(tmp_path):
+    # A reset leaves the initial memory's keys and values to be made on first use: the first
+    # state computes them, later resets copy them, and a save made before any token holds
+    # them too.
+    path = write_model(tmp_path, SMALL)
+    model = load(path)
+    first = model.engine.save_state()
+    model.feed(PROMPT)
+    model.engine.reset()
+    assert model.engine.save_state() == first
+    other = load(path)
+    other.feed(PROMPT)
+    other.engine.load_state(first)
+    np.testing.assert_array_equal(other.forward(3), load(path).forward(3))
+
+
 def test_plain_memory_past_seq_len_is_rejected(tmp_path):
     model = load(write_model(tmp_path, VANILLA))
     model.feed(list(range(1, VANILLA.seq_len - 1)))

@@ -1,7 +1,7 @@
 //! The SwiGLU feed-forward over a batch of rows, shared by the layers' FFN (prefill) and the
 //! memory FFN (memory update).
 
-use super::ops::{add_in_place, rmsnorm, swiglu};
+use super::ops::{add_in_place, rmsnorm_rows, swiglu};
 use super::Transformer;
 use crate::kernels::QuantizedVec;
 use crate::weights::Matrix;
@@ -29,10 +29,9 @@ impl Transformer {
     /// rows `x` of `residual`.
     pub(super) fn ffn_batch(&self, ffn: &Ffn, residual: &mut [f32], n: usize, t: FfnBuffers) {
         let (dim, hidden) = (self.config().dim, self.config().hidden_dim);
+        rmsnorm_rows(&mut t.normed[..n * dim], &residual[..n * dim], ffn.norm);
         for i in 0..n {
-            let row = i * dim..(i + 1) * dim;
-            rmsnorm(&mut t.normed[row.clone()], &residual[row.clone()], ffn.norm);
-            self.prepare(&t.normed[row], &mut t.aq[i]);
+            self.prepare(&t.normed[i * dim..(i + 1) * dim], &mut t.aq[i]);
         }
         self.matmul(t.h1, ffn.w1, t.normed, t.aq, n);
         self.matmul(t.h3, ffn.w3, t.normed, t.aq, n);

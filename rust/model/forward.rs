@@ -18,6 +18,7 @@ impl Transformer {
                 vocab_size: c.vocab_size,
             });
         }
+        self.ready_window(state);
         // Window row of this token's key/value, which is also its RoPE position.
         let chunk_pos = if c.is_memory_model() {
             (state.position % c.mem_len as u64) as usize
@@ -45,13 +46,7 @@ impl Transformer {
 
         if c.is_memory_model() {
             match self.mode {
-                UpdateMode::Chunk if chunk_pos == c.mem_len - 1 => {
-                    self.run_on(choice.use_pool, || {
-                        for l in 0..c.n_layers {
-                            self.update_memory(state, l, 0..c.mem_len);
-                        }
-                    })
-                }
+                UpdateMode::Chunk if chunk_pos == c.mem_len - 1 => self.update_chunk(state),
                 UpdateMode::Token => self.run_on(choice.use_pool, || {
                     for l in 0..c.n_layers {
                         self.update_memory(state, l, chunk_pos..chunk_pos + 1);

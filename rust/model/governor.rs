@@ -3,26 +3,52 @@
 //! When another process keeps a core busy, a pool thread on that core stalls every parallel
 //! loop until the scheduler runs it again, and decoding on all threads can become slower than
 //! decoding on one. The governor measures instead of guessing: each window of tokens starts
-//! with `PROBES` tokens that alternate between the two ways, and the faster one (by their
+//! with a few probe tokens that alternate between the two ways, and the faster one (by their
 //! summed time) runs the rest of the window. The pool keeps the window unless the calling
 //! thread is faster by a clear margin, so that noise on a quiet machine does not give up the
 //! second thread.
 //!
 //! A probe on a contended pool can stall for a whole scheduler time slice. So while the
-//! calling thread keeps winning, each window is twice as long as the one before, up to
-//! `MAX_PERIOD` tokens. That keeps the probes' cost to a few percent. The decision at the
-//! end of a window's probes sets the length of that same window.
+//! calling thread keeps winning, each window is twice as long as the one before, up to the
+//! schedule's `max_period`. That keeps the probes' cost to a few percent. The decision at
+//! the end of a window's probes sets the length of that same window.
+//!
+//! Decode tokens and chunk memory updates have their own governors ([`DECODE`],
+//! [`UPDATE`]): a memory update is a batch of M rows that splits across threads far better
+//! than one token does, so the two can come out differently on the same machine.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-const PERIOD: u64 = 256;
-const MAX_PERIOD: u64 = 4096;
-const PROBES: u64 = 16;
+/// How a governor probes: windows of `period` calls growing to `max_period` while the
+/// calling thread wins, each starting with `probes` calls that alternate the two ways.
+#[derive(Clone, Copy)]
+pub(super) struct Schedule {
+    period: u64,
+    max_period: u64,
+    probes: u64,
+}
+
+/// Decode tokens: a probe is one token, so a window has many.
+pub(super) const DECODE: Schedule = Schedule {
+    period: 256,
+    max_period: 4096,
+    probes: 16,
+};
+
+/// Chunk memory updates: one every M tokens and milliseconds long, so a single probe each
+/// way is a clear measurement.
+pub(super) const UPDATE: Schedule = Schedule {
+    period: 16,
+    max_period: 256,
+    probes: 2,
+};
+
 /// The calling thread must take at most this share of the pool's time to be picked.
 const SERIAL_MARGIN: f64 = 0.9;
 
 pub(super) struct Governor {
+    schedule: Schedule,
     window: Mutex<Window>,
 }
 
@@ -44,11 +70,12 @@ pub(super) struct Choice {
 }
 
 impl Governor {
-    pub fn new() -> Self {
+    pub fn new(schedule: Schedule) -> Self {
         Governor {
+            schedule,
             window: Mutex::new(Window {
                 calls: 0,
-                period: PERIOD,
+                period: schedule.period,
                 serial_ns: 0,
                 pool_ns: 0,
                 use_pool: true,
@@ -68,7 +95,7 @@ impl Governor {
         if w.calls >= w.period {
             w.calls = 0;
         }
-        if k < PROBES {
+        if k < self.schedule.probes {
             return Choice {
                 use_pool: k % 2 == 1,
                 probe: Some(k),
@@ -91,12 +118,12 @@ impl Governor {
         } else {
             w.serial_ns = w.serial_ns.saturating_add(ns);
         }
-        if k == PROBES - 1 {
+        if k == self.schedule.probes - 1 {
             w.use_pool = (w.serial_ns as f64) > SERIAL_MARGIN * w.pool_ns as f64;
             w.period = if w.use_pool {
-                PERIOD
+                self.schedule.period
             } else {
-                (w.period * 2).min(MAX_PERIOD)
+                (w.period * 2).min(self.schedule.max_period)
             };
             w.serial_ns = 0;
             w.pool_ns = 0;
@@ -120,13 +147,17 @@ mod tests {
             .collect()
     }
 
+    const PERIOD: u64 = DECODE.period;
+    const MAX_PERIOD: u64 = DECODE.max_period;
+    const PROBES: u64 = DECODE.probes;
+
     fn after_probes(ways: &[bool]) -> &[bool] {
         &ways[PROBES as usize..]
     }
 
     #[test]
     fn picks_the_faster_way_after_probing_both() {
-        let g = Governor::new();
+        let g = Governor::new(DECODE);
         let first = run(&g, PERIOD, 2, 1);
         let probes = &first[..PROBES as usize];
         assert_eq!(probes.iter().filter(|&&p| p).count(), PROBES as usize / 2);
@@ -148,7 +179,7 @@ mod tests {
 
     #[test]
     fn windows_stop_growing_at_the_limit() {
-        let g = Governor::new();
+        let g = Governor::new(DECODE);
         let mut total = 0;
         while g.lock().period < MAX_PERIOD {
             let period = g.lock().period;
@@ -161,5 +192,14 @@ mod tests {
         }
         run(&g, MAX_PERIOD, 1, 5);
         assert_eq!(g.lock().period, MAX_PERIOD);
+    }
+
+    #[test]
+    fn update_schedule_decides_after_one_probe_each_way() {
+        let g = Governor::new(UPDATE);
+        let ways = run(&g, UPDATE.period, 40, 60);
+        assert_eq!(&ways[..2], &[false, true]);
+        assert!(ways[2..].iter().all(|&p| !p));
+        assert_eq!(g.lock().period, 2 * UPDATE.period);
     }
 }

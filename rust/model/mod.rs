@@ -13,6 +13,7 @@ mod prefill;
 pub mod state;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::checkpoint::Format;
 use crate::config::Config;
@@ -80,7 +81,12 @@ pub struct Transformer {
     pub kernel: KernelPath,
     threads: usize,
     pool: Option<rayon::ThreadPool>,
+    /// Chooses the pool or the calling thread for decode tokens, and for chunk updates.
     governor: Governor,
+    update_governor: Governor,
+    /// The memory rows' keys and values made from the initial memory, per layer (n_layers, 2,
+    /// M, kv_dim): computed by the first state that needs them, copied by the others.
+    initial_window: OnceLock<Vec<f32>>,
     rope: RopeTable,
 }
 
@@ -118,7 +124,9 @@ impl Transformer {
             kernel: options.kernel,
             threads,
             pool,
-            governor: Governor::new(),
+            governor: Governor::new(governor::DECODE),
+            update_governor: Governor::new(governor::UPDATE),
+            initial_window: OnceLock::new(),
         })
     }
 
@@ -130,8 +138,7 @@ impl Transformer {
         self.threads
     }
 
-    /// Creates a fresh state: for memory models, the initial memory `ori_mem` already turned into
-    /// memory keys/values.
+    /// Creates a fresh state at position 0 with the initial memory (see [`Self::reset`]).
     pub fn new_state(&self) -> Result<State> {
         let mut state = State::new(self.config(), self.weights.group_size.unwrap_or(1))?;
         self.reset(&mut state);
@@ -139,6 +146,8 @@ impl Transformer {
     }
 
     /// Returns `state` to the start: position 0 and, for memory models, the initial memory.
+    /// Its memory keys and values are made on first use (see [`Self::ready_window`]), so that
+    /// opening a model and resetting cost no memory update.
     pub fn reset(&self, state: &mut State) {
         state.position = 0;
         state.scratch.logits.fill(0.0);
@@ -154,11 +163,7 @@ impl Transformer {
             let span = l * c.mem_len * c.dim..(l + 1) * c.mem_len * c.dim;
             state.mem[span].copy_from_slice(memory.ori_mem);
         }
-        self.run(|| {
-            for l in 0..c.n_layers {
-                self.update_memory(state, l, 0..c.mem_len);
-            }
-        });
+        state.window_pending = true;
     }
 
     /// Runs `f` on the thread pool, so that the parallel loops inside it need no hand-off

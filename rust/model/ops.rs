@@ -2,11 +2,38 @@
 
 pub const RMS_EPS: f32 = 1e-5;
 
-/// `out = w * x / sqrt(mean(x^2) + 1e-5)`.
+/// `out = w * x / sqrt(mean(x^2) + 1e-5)`. The squares are summed in order: a 1-ulp change
+/// of the norm can move an activation across a Q8_0 rounding step, and in a memory model
+/// such a change lives on in the memory, so the sum keeps one fixed order everywhere.
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32]) {
-    // Eight partial sums, as in every dot product here: one serial sum of squares would cost
-    // an add latency per element, a large part of a batch's per-row work at dim 288.
-    let mean_square = dot(x, x) / x.len() as f32;
+    let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    scale_row(out, x, w, mean_square);
+}
+
+/// [`rmsnorm`] of each of the `x.len() / dim` rows of `x` into `out`. The rows' sums run side
+/// by side, eight at a time, so that eight additions overlap instead of each waiting for the
+/// last; each row's sum still takes its squares in order, so the results are the same.
+pub fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32]) {
+    const ROWS: usize = 8;
+    let dim = w.len();
+    for (out, x) in out.chunks_mut(ROWS * dim).zip(x.chunks(ROWS * dim)) {
+        let rows = x.len() / dim;
+        let mut sums = [0.0f32; ROWS];
+        for i in 0..dim {
+            for (r, sum) in sums[..rows].iter_mut().enumerate() {
+                let v = x[r * dim + i];
+                *sum += v * v;
+            }
+        }
+        for (r, sum) in sums[..rows].iter().enumerate() {
+            let span = r * dim..(r + 1) * dim;
+            scale_row(&mut out[span.clone()], &x[span], w, sum / dim as f32);
+        }
+    }
+}
+
+#[inline(always)]
+fn scale_row(out: &mut [f32], x: &[f32], w: &[f32], mean_square: f32) {
     let inv = 1.0 / (mean_square + RMS_EPS).sqrt();
     for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
         *o = wi * (xi * inv);
@@ -278,6 +305,22 @@ mod tests {
             // SAFETY: AVX2 was detected.
             unsafe { swiglu_avx2(&mut got, &b) };
             assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn rmsnorm_rows_match_one_row_at_a_time() {
+        let dim = 37;
+        let x: Vec<f32> = (0..11 * dim)
+            .map(|i| (i as f32 * 0.913).sin() * 7.0)
+            .collect();
+        let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 / dim as f32).collect();
+        let mut got = vec![0.0; x.len()];
+        rmsnorm_rows(&mut got, &x, &w);
+        for (r, row) in x.chunks(dim).enumerate() {
+            let mut want = vec![0.0; dim];
+            rmsnorm(&mut want, row, &w);
+            assert_eq!(&got[r * dim..(r + 1) * dim], &want[..], "row {r}");
         }
     }
 }

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::attention::{attention, attention_tile, TILE};
 use super::ffn::{Ffn, FfnBuffers};
-use super::ops::{add_in_place, rmsnorm};
+use super::ops::{add_in_place, rmsnorm, rmsnorm_rows};
 use super::state::batch_rows;
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
@@ -28,6 +28,7 @@ impl Transformer {
                 position: (state.position as usize).saturating_add(tokens.len()),
             });
         }
+        self.ready_window(state);
         let mut rest = tokens;
         while !rest.is_empty() {
             let n = if self.mode == UpdateMode::Token {
@@ -62,11 +63,7 @@ impl Transformer {
         self.run(|| self.forward_batch_layers(state, tokens, first_row, chunk_pos));
         state.position += tokens.len() as u64;
         if c.is_memory_model() && chunk_pos + tokens.len() == c.mem_len {
-            self.run(|| {
-                for l in 0..c.n_layers {
-                    self.update_memory(state, l, 0..c.mem_len);
-                }
-            });
+            self.update_chunk(state);
         }
     }
 
@@ -102,12 +99,8 @@ impl Transformer {
             let window = layer_cache + first_row * kv_dim..layer_cache + (first_row + n) * kv_dim;
 
             // Attention rmsnorm, then q, k, v for the whole batch; k and v go into the cache.
+            rmsnorm_rows(&mut b.a[..n * dim], &b.x[..n * dim], layer.rms_att);
             for i in 0..n {
-                rmsnorm(
-                    &mut b.a[i * dim..(i + 1) * dim],
-                    &b.x[i * dim..(i + 1) * dim],
-                    layer.rms_att,
-                );
                 self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
             }
             self.matmul(&mut b.q, &layer.wq, &b.a, &b.aq, n);

@@ -17,6 +17,9 @@ pub struct State {
     pub key_cache: Vec<f32>,
     /// Same layout as `key_cache`.
     pub value_cache: Vec<f32>,
+    /// Set by a reset: the memory rows of the caches still have to be made from the initial
+    /// memory (`Transformer::ready_window`) before anything reads them.
+    pub(crate) window_pending: bool,
     pub(crate) scratch: Scratch,
 }
 
@@ -121,6 +124,7 @@ impl State {
             mem: zeroed(c.n_layers * c.mem_len * c.dim, "the memory")?,
             key_cache: zeroed(cache_len, "the key cache")?,
             value_cache: zeroed(cache_len, "the value cache")?,
+            window_pending: false,
             scratch: Scratch {
                 x: vec![0.0; c.dim],
                 xb: vec![0.0; c.dim],
