@@ -1,17 +1,23 @@
-//! Chooses, token by token, between decoding on the thread pool and on the calling thread.
+//! Chooses, call by call, between running on the thread pool and on the calling thread.
 //!
-//! When another process keeps a core busy, a pool thread on that core stalls every parallel
-//! loop until the scheduler runs it again, and decoding on all threads can become slower than
-//! decoding on one. The governor measures instead of guessing: each window of tokens starts
-//! with a few probe tokens that alternate between the two ways, and the faster one (by their
-//! summed time) runs the rest of the window. The pool keeps the window unless the calling
-//! thread is faster by a clear margin, so that noise on a quiet machine does not give up the
-//! second thread.
+//! When another process keeps a core busy, a pool thread on that core now and then loses a
+//! whole scheduler time slice, and every parallel loop waits for it: most tokens still take
+//! their usual time, but a few take several milliseconds, and decoding on all threads can
+//! end up slower than on one. The governor measures instead of guessing. Each window of
+//! calls starts with a few probes that alternate between the two ways; the rest of the
+//! window runs one way, and every call's time is kept.
 //!
-//! A probe on a contended pool can stall for a whole scheduler time slice. So while the
-//! calling thread keeps winning, each window is twice as long as the one before, up to the
-//! schedule's `max_period`. That keeps the probes' cost to a few percent. The decision at
-//! the end of a window's probes sets the length of that same window.
+//! Rare stalls hide from a few probes, so the pool is judged by all of its calls in the
+//! previous window, stalls included, or by its probes where they are slower: it keeps
+//! running unless the calling thread's probes are faster by a clear margin. Once the calling thread runs the windows, the pool comes
+//! back only when its probes are faster by that margin. The margin on both sides keeps
+//! noise on a quiet machine from giving up the second thread, and keeps a busy machine from
+//! flipping back to the pool on a few lucky probes.
+//!
+//! A probe on a contended pool can stall for a whole time slice. So while the calling thread
+//! keeps winning, each window is twice as long as the one before, up to the schedule's
+//! `max_period`, which keeps the probes' cost to a few percent. The decision at the end of a
+//! window's probes sets the length of that same window.
 //!
 //! Decode tokens and chunk memory updates have their own governors ([`DECODE`],
 //! [`UPDATE`]): a memory update is a batch of M rows that splits across threads far better
@@ -44,25 +50,50 @@ pub(super) const UPDATE: Schedule = Schedule {
     probes: 2,
 };
 
-/// The calling thread must take at most this share of the pool's time to be picked.
-const SERIAL_MARGIN: f64 = 0.9;
+/// The way that is not running must take at most this share of the other's time to win.
+const MARGIN: f64 = 0.9;
 
 pub(super) struct Governor {
     schedule: Schedule,
     window: Mutex<Window>,
 }
 
-struct Window {
-    /// Tokens chosen so far in this window.
+/// Summed times of some calls.
+#[derive(Clone, Copy, Default)]
+struct Times {
+    ns: u64,
     calls: u64,
-    /// Length of this window in tokens.
-    period: u64,
-    serial_ns: u64,
-    pool_ns: u64,
-    use_pool: bool,
 }
 
-/// The way one token runs, and whether its time is a probe.
+impl Times {
+    fn add(&mut self, ns: u64) {
+        self.ns = self.ns.saturating_add(ns);
+        self.calls += 1;
+    }
+
+    fn mean(self) -> f64 {
+        self.ns as f64 / self.calls.max(1) as f64
+    }
+}
+
+struct Window {
+    /// Calls chosen so far in this window.
+    calls: u64,
+    /// Length of this window in calls.
+    period: u64,
+    /// The way of the calls after the probes.
+    use_pool: bool,
+    /// This window's probes, on the calling thread and on the pool.
+    serial: Times,
+    pool: Times,
+    /// This window's calls after the probes.
+    rest: Times,
+    /// The previous window's way and the times of all its calls that ran on the pool, or
+    /// None before the first window ends.
+    previous: Option<(bool, Times)>,
+}
+
+/// The way one call runs, and whether its time is a probe.
 #[derive(Clone, Copy)]
 pub(super) struct Choice {
     pub use_pool: bool,
@@ -76,9 +107,11 @@ impl Governor {
             window: Mutex::new(Window {
                 calls: 0,
                 period: schedule.period,
-                serial_ns: 0,
-                pool_ns: 0,
                 use_pool: true,
+                serial: Times::default(),
+                pool: Times::default(),
+                rest: Times::default(),
+                previous: None,
             }),
         }
     }
@@ -90,11 +123,19 @@ impl Governor {
 
     pub fn choose(&self) -> Choice {
         let mut w = self.lock();
+        if w.calls == w.period {
+            // A new window: keep what the pool did in the one that ends.
+            let mut pool = w.pool;
+            if w.use_pool {
+                pool.ns = pool.ns.saturating_add(w.rest.ns);
+                pool.calls += w.rest.calls;
+            }
+            w.previous = Some((w.use_pool, pool));
+            (w.calls, w.serial, w.pool, w.rest) =
+                (0, Times::default(), Times::default(), Times::default());
+        }
         let k = w.calls;
         w.calls += 1;
-        if w.calls >= w.period {
-            w.calls = 0;
-        }
         if k < self.schedule.probes {
             return Choice {
                 use_pool: k % 2 == 1,
@@ -107,26 +148,35 @@ impl Governor {
         }
     }
 
-    /// Records the time of a token that ran the way `choice` chose. The last probe of a window
-    /// decides the rest of it and sets its length.
+    /// Records the time of a call that ran the way `choice` chose. The last probe of a
+    /// window decides the rest of it and sets its length.
     pub fn record(&self, choice: Choice, elapsed: Duration) {
-        let Some(k) = choice.probe else { return };
         let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
         let mut w = self.lock();
+        let Some(k) = choice.probe else {
+            w.rest.add(ns);
+            return;
+        };
         if choice.use_pool {
-            w.pool_ns = w.pool_ns.saturating_add(ns);
+            w.pool.add(ns);
         } else {
-            w.serial_ns = w.serial_ns.saturating_add(ns);
+            w.serial.add(ns);
         }
         if k == self.schedule.probes - 1 {
-            w.use_pool = (w.serial_ns as f64) > SERIAL_MARGIN * w.pool_ns as f64;
+            let serial = w.serial.mean();
+            w.use_pool = match w.previous {
+                // The pool ran the last window: judge it by all of that window's calls, or by
+                // its probes if they are slower (the machine just got busier).
+                Some((true, previous)) => serial > MARGIN * previous.mean().max(w.pool.mean()),
+                // The calling thread ran it: the pool must win its probes by the margin.
+                Some((false, _)) => w.pool.mean() < MARGIN * serial,
+                None => serial > MARGIN * w.pool.mean(),
+            };
             w.period = if w.use_pool {
                 self.schedule.period
             } else {
                 (w.period * 2).min(self.schedule.max_period)
             };
-            w.serial_ns = 0;
-            w.pool_ns = 0;
         }
     }
 }
@@ -201,5 +251,26 @@ mod tests {
         assert_eq!(&ways[..2], &[false, true]);
         assert!(ways[2..].iter().all(|&p| !p));
         assert_eq!(g.lock().period, 2 * UPDATE.period);
+    }
+
+    /// A busy core: the pool's probes match the calling thread's, but one in ten of its
+    /// other tokens stalls for a time slice. The governor leaves the pool after the first
+    /// window and does not come back on probes that only tie.
+    #[test]
+    fn leaves_a_pool_that_stalls_between_probes() {
+        let g = Governor::new(DECODE);
+        let mut ways = Vec::new();
+        for i in 0..20 * MAX_PERIOD {
+            let choice = g.choose();
+            let stall = choice.use_pool && choice.probe.is_none() && i % 10 == 0;
+            let ms = if stall { 20 } else { 1 };
+            g.record(choice, Duration::from_millis(ms));
+            ways.push(choice.use_pool && choice.probe.is_none());
+        }
+        assert!(ways[..PERIOD as usize]
+            .iter()
+            .skip(PROBES as usize)
+            .all(|&p| p));
+        assert!(ways[PERIOD as usize..].iter().all(|&p| !p));
     }
 }
