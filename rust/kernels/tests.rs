@@ -255,6 +255,7 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
     let mut rng = Lcg(99);
     // Rows that leave the last panel partly empty. 1 to 64 groups cover lanes with no groups and
     // several rounds of lanes. The group sizes cover both specialized widths and the general one.
+    // Input counts cover full and partial tiles.
     for &(rows, cols, gs) in &[
         (5, 288, 32),
         (16, 32, 32),
@@ -264,10 +265,14 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
         (3, 48, 16),
         (20, 96, 96),
         (48, 2048, 32),
+        // An odd number of 4-column blocks per group.
+        (7, 60, 12),
+        (9, 40, 20),
+        (18, 8, 4),
     ] {
         let (w_q, w_s, _) = random_case(&mut rng, rows, cols, gs);
         let packed = PackedQ8::new(&w_q, &w_s, rows, cols, gs);
-        for n in [1, 2, 7, 8, 9, 19] {
+        for n in [1, 2, 3, 4, 5, 7, 8, 9, 19] {
             let xs: Vec<QuantizedVec> = (0..n)
                 .map(|_| {
                     let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 2.0).collect();

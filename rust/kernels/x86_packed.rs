@@ -59,16 +59,32 @@ unsafe fn panel<const B: usize, const GS: usize>(
             // A lane with no groups stays +0.0, as it does in `generic`.
             let mut acc = [_mm512_setzero_ps(); B];
             for g in (lane..groups).step_by(LANES) {
-                let mut sums: [__m512i; B] =
+                // Two chains of dpbusd per input (even and odd blocks), so that each waits on
+                // the latency of half as many; integer sums are exact in any order.
+                let mut even: [__m512i; B] =
                     std::array::from_fn(|b| _mm512_set1_epi32(-(*tile.sums[b].add(g) << 7)));
+                let mut odd = [_mm512_setzero_si512(); B];
                 let x: [*const i8; B] = std::array::from_fn(|b| tile.q[b].add(g * gs));
-                for k in 0..gs / 4 {
+                let blocks = gs / 4;
+                for k in (0..blocks - blocks % 2).step_by(2) {
+                    let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
+                    let wv2 = _mm512_loadu_si512(wp.add((k + 1) * block_bytes) as *const __m512i);
+                    for b in 0..B {
+                        let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
+                        let xv2 = (x[b].add(4 * k + 4) as *const i32).read_unaligned();
+                        even[b] = _mm512_dpbusd_epi32(even[b], wv, _mm512_set1_epi32(xv));
+                        odd[b] = _mm512_dpbusd_epi32(odd[b], wv2, _mm512_set1_epi32(xv2));
+                    }
+                }
+                if blocks % 2 == 1 {
+                    let k = blocks - 1;
                     let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
                     for b in 0..B {
                         let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
-                        sums[b] = _mm512_dpbusd_epi32(sums[b], wv, _mm512_set1_epi32(xv));
+                        even[b] = _mm512_dpbusd_epi32(even[b], wv, _mm512_set1_epi32(xv));
                     }
                 }
+                let sums: [__m512i; B] = std::array::from_fn(|b| _mm512_add_epi32(even[b], odd[b]));
                 let w_scale = _mm512_loadu_ps(sp);
                 for b in 0..B {
                     let x_scale = _mm512_set1_ps(*tile.scales[b].add(g));
