@@ -1,7 +1,7 @@
 //! The SwiGLU feed-forward over a batch of rows, shared by the layers' FFN (prefill) and the
 //! memory FFN (memory update).
 
-use super::ops::{add_in_place, rmsnorm_rows, swiglu};
+use super::ops::add_in_place;
 use super::Transformer;
 use crate::kernels::QuantizedVec;
 use crate::weights::Matrix;
@@ -29,17 +29,20 @@ impl Transformer {
     /// rows `x` of `residual`.
     pub(super) fn ffn_batch(&self, ffn: &Ffn, residual: &mut [f32], n: usize, t: FfnBuffers) {
         let (dim, hidden) = (self.config().dim, self.config().hidden_dim);
-        rmsnorm_rows(&mut t.normed[..n * dim], &residual[..n * dim], ffn.norm);
-        for i in 0..n {
-            self.prepare(&t.normed[i * dim..(i + 1) * dim], &mut t.aq[i]);
-        }
+        self.norm_rows(
+            &mut t.normed[..n * dim],
+            &residual[..n * dim],
+            ffn.norm,
+            &mut t.aq[..n],
+        );
         self.matmul(t.h1, ffn.w1, t.normed, t.aq, n);
         self.matmul(t.h3, ffn.w3, t.normed, t.aq, n);
-        for i in 0..n {
-            let span = i * hidden..(i + 1) * hidden;
-            swiglu(&mut t.h1[span.clone()], &t.h3[span.clone()]);
-            self.prepare(&t.h1[span], &mut t.hq[i]);
-        }
+        self.gate_rows(
+            &mut t.h1[..n * hidden],
+            &t.h3[..n * hidden],
+            hidden,
+            &mut t.hq[..n],
+        );
         self.matmul(t.normed, ffn.w2, t.h1, t.hq, n);
         add_in_place(&mut residual[..n * dim], &t.normed[..n * dim]);
     }

@@ -4,7 +4,6 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::ffn::{Ffn, FfnBuffers};
-use super::ops::rmsnorm_rows;
 use super::{State, Transformer};
 
 impl Transformer {
@@ -100,10 +99,12 @@ impl Transformer {
         self.ffn_batch(&ffn, &mut b.a, n, buffers);
 
         // n = rmsnorm(m, rms_mem), then keys and values through the layer's own wk and wv.
-        rmsnorm_rows(&mut b.b[..n * dim], &b.a[..n * dim], weights.rms_mem);
-        for i in 0..n {
-            self.prepare(&b.b[i * dim..(i + 1) * dim], &mut b.aq[i]);
-        }
+        self.norm_rows(
+            &mut b.b[..n * dim],
+            &b.a[..n * dim],
+            weights.rms_mem,
+            &mut b.aq[..n],
+        );
         let rows = l * c.cache_rows() * kv_dim + slots.start * kv_dim..;
         let window = rows.start..rows.start + n * kv_dim;
         self.matmul(&mut b.kv, &layer.wk, &b.b, &b.aq, n);

@@ -10,6 +10,7 @@ mod matmul;
 mod memory;
 pub mod ops;
 mod prefill;
+mod rows;
 pub mod state;
 
 use std::path::Path;

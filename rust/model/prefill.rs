@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::attention::{attention, attention_tile, TILE};
 use super::ffn::{Ffn, FfnBuffers};
-use super::ops::{add_in_place, rmsnorm, rmsnorm_rows};
+use super::ops::{add_in_place, rmsnorm};
 use super::state::batch_rows;
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
@@ -99,10 +99,12 @@ impl Transformer {
             let window = layer_cache + first_row * kv_dim..layer_cache + (first_row + n) * kv_dim;
 
             // Attention rmsnorm, then q, k, v for the whole batch; k and v go into the cache.
-            rmsnorm_rows(&mut b.a[..n * dim], &b.x[..n * dim], layer.rms_att);
-            for i in 0..n {
-                self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
-            }
+            self.norm_rows(
+                &mut b.a[..n * dim],
+                &b.x[..n * dim],
+                layer.rms_att,
+                &mut b.aq[..n],
+            );
             self.matmul(&mut b.q, &layer.wq, &b.a, &b.aq, n);
             self.matmul(&mut key_cache[window.clone()], &layer.wk, &b.a, &b.aq, n);
             self.matmul(&mut value_cache[window.clone()], &layer.wv, &b.a, &b.aq, n);
@@ -158,9 +160,7 @@ impl Transformer {
             }
 
             // Output projection and residual.
-            for i in 0..n {
-                self.prepare(&b.a[i * dim..(i + 1) * dim], &mut b.aq[i]);
-            }
+            self.quantize_rows(&b.a[..n * dim], dim, &mut b.aq[..n]);
             self.matmul(&mut b.b, &layer.wo, &b.a, &b.aq, n);
             add_in_place(&mut b.x[..n * dim], &b.b[..n * dim]);
 
