@@ -153,18 +153,22 @@ pub(super) fn weighted_values(
         scores: scores.as_ptr(),
         n,
     };
+    // Several heads per pass over the rows: each row's slice of them is contiguous, which the
+    // prefetcher streams when the window comes from memory (the 110M shape's does not fit
+    // the L2 cache), and each row's adds have many independent sums to go to. Eight-register
+    // heads take two per pass, the others six.
+    let wide = if z == 8 { 2 } else { 6 };
     let mut h = 0;
     while h < c.n_heads {
-        // Two heads at a time, so that each row's adds have 2 * Z independent sums to go to.
-        let pair = if h + 1 < c.n_heads { 2 } else { 1 };
-        // SAFETY: AVX-512 F was detected, heads h..h + pair exist, and the slices hold what
+        let heads = if c.n_heads - h >= wide { wide } else { 1 };
+        // SAFETY: AVX-512 F was detected, heads h..h + heads exist, and the slices hold what
         // `value_block` reads and writes (asserted above).
         unsafe {
-            match (z, pair) {
-                (1, 2) => value_block::<1, 1, 2>([query], values, c, h),
-                (2, 2) => value_block::<2, 1, 2>([query], values, c, h),
-                (3, 2) => value_block::<3, 1, 2>([query], values, c, h),
-                (4, 2) => value_block::<4, 1, 2>([query], values, c, h),
+            match (z, heads) {
+                (1, 6) => value_block::<1, 1, 6>([query], values, c, h),
+                (2, 6) => value_block::<2, 1, 6>([query], values, c, h),
+                (3, 6) => value_block::<3, 1, 6>([query], values, c, h),
+                (4, 6) => value_block::<4, 1, 6>([query], values, c, h),
                 (8, 2) => value_block::<8, 1, 2>([query], values, c, h),
                 (1, _) => value_block::<1, 1, 1>([query], values, c, h),
                 (2, _) => value_block::<2, 1, 1>([query], values, c, h),
@@ -173,7 +177,7 @@ pub(super) fn weighted_values(
                 _ => value_block::<8, 1, 1>([query], values, c, h),
             }
         }
-        h += pair;
+        h += heads;
     }
     true
 }
