@@ -396,10 +396,16 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
-        // (head size, query heads, key/value heads): head pairs, a lone last head, GQA.
-        for (head_size, n_heads, n_kv_heads) in
-            [(16, 3, 3), (32, 4, 2), (48, 6, 6), (64, 5, 5), (128, 2, 1)]
-        {
+        // (head size, query heads, key/value heads): passes of six heads and of two, single
+        // heads left over, and GQA.
+        for (head_size, n_heads, n_kv_heads) in [
+            (16, 3, 3),
+            (32, 8, 4),
+            (48, 6, 6),
+            (64, 5, 5),
+            (64, 13, 13),
+            (128, 3, 1),
+        ] {
             let c = Config {
                 dim: head_size * n_heads,
                 hidden_dim: 1,
