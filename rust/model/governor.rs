@@ -17,7 +17,8 @@
 //! A probe on a contended pool can stall for a whole time slice. So while the calling thread
 //! keeps winning, each window is twice as long as the one before, up to the schedule's
 //! `max_period`, which keeps the probes' cost to a few percent. The decision at the end of a
-//! window's probes sets the length of that same window.
+//! window's probes sets the length of that same window, except in the first window, which
+//! stays short so that a pool that stalls is found out soon after a model is opened.
 //!
 //! Decode tokens and chunk memory updates have their own governors ([`DECODE`],
 //! [`UPDATE`]): a memory update is a batch of M rows that splits across threads far better
@@ -26,10 +27,13 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// How a governor probes: windows of `period` calls growing to `max_period` while the
-/// calling thread wins, each starting with `probes` calls that alternate the two ways.
+/// How a governor probes: a first window of `first_period` calls, then windows of `period`
+/// calls growing to `max_period` while the calling thread wins, each starting with `probes`
+/// calls that alternate the two ways. The first window is short because its probes are all
+/// there is to judge the pool by until it ends.
 #[derive(Clone, Copy)]
 pub(super) struct Schedule {
+    first_period: u64,
     period: u64,
     max_period: u64,
     probes: u64,
@@ -37,6 +41,7 @@ pub(super) struct Schedule {
 
 /// Decode tokens: a probe is one token, so a window has many.
 pub(super) const DECODE: Schedule = Schedule {
+    first_period: 64,
     period: 256,
     max_period: 4096,
     probes: 16,
@@ -45,6 +50,7 @@ pub(super) const DECODE: Schedule = Schedule {
 /// Chunk memory updates: one every M tokens and milliseconds long, so a single probe each
 /// way is a clear measurement.
 pub(super) const UPDATE: Schedule = Schedule {
+    first_period: 4,
     period: 16,
     max_period: 256,
     probes: 2,
@@ -106,7 +112,7 @@ impl Governor {
             schedule,
             window: Mutex::new(Window {
                 calls: 0,
-                period: schedule.period,
+                period: schedule.first_period,
                 use_pool: true,
                 serial: Times::default(),
                 pool: Times::default(),
@@ -172,11 +178,13 @@ impl Governor {
                 Some((false, _)) => w.pool.mean() < MARGIN * serial,
                 None => serial > MARGIN * w.pool.mean(),
             };
-            w.period = if w.use_pool {
-                self.schedule.period
-            } else {
-                (w.period * 2).min(self.schedule.max_period)
-            };
+            if w.previous.is_some() {
+                w.period = if w.use_pool {
+                    self.schedule.period
+                } else {
+                    (w.period * 2).min(self.schedule.max_period)
+                };
+            }
         }
     }
 }
@@ -197,6 +205,7 @@ mod tests {
             .collect()
     }
 
+    const FIRST: u64 = DECODE.first_period;
     const PERIOD: u64 = DECODE.period;
     const MAX_PERIOD: u64 = DECODE.max_period;
     const PROBES: u64 = DECODE.probes;
@@ -205,25 +214,37 @@ mod tests {
         &ways[PROBES as usize..]
     }
 
+    /// Runs one whole window, whose length is known once its probes are done.
+    fn window(g: &Governor, serial_ms: u64, pool_ms: u64) -> Vec<bool> {
+        let mut ways = run(g, g.schedule.probes, serial_ms, pool_ms);
+        let rest = g.lock().period - g.schedule.probes;
+        ways.extend(run(g, rest, serial_ms, pool_ms));
+        ways
+    }
+
     #[test]
     fn picks_the_faster_way_after_probing_both() {
         let g = Governor::new(DECODE);
-        let first = run(&g, PERIOD, 2, 1);
+        let first = window(&g, 2, 1);
+        assert_eq!(first.len() as u64, FIRST);
         let probes = &first[..PROBES as usize];
         assert_eq!(probes.iter().filter(|&&p| p).count(), PROBES as usize / 2);
         assert!(after_probes(&first).iter().all(|&p| p));
         // The pool slows down (a busy core): the next window probes, stops using it and
         // grows to twice the length.
-        let second = run(&g, 2 * PERIOD, 2, 5);
+        let second = window(&g, 2, 5);
         assert!(after_probes(&second).iter().all(|&p| !p));
+        assert_eq!(second.len() as u64, 2 * FIRST);
         // While the calling thread keeps winning, the windows keep doubling.
-        let third = run(&g, 4 * PERIOD, 2, 5);
+        let third = window(&g, 2, 5);
         assert!(after_probes(&third).iter().all(|&p| !p));
-        // And the pool comes back, in windows of the first length, once it is faster again.
-        let fourth = run(&g, PERIOD, 2, 1);
+        assert_eq!(third.len() as u64, 4 * FIRST);
+        // And the pool comes back, in windows of the usual length, once it is clearly faster.
+        let fourth = window(&g, 2, 1);
         assert!(after_probes(&fourth).iter().all(|&p| p));
+        assert_eq!(fourth.len() as u64, PERIOD);
         // Serial 5% faster is within the margin: the pool stays.
-        let fifth = run(&g, PERIOD, 95, 100);
+        let fifth = window(&g, 95, 100);
         assert!(after_probes(&fifth).iter().all(|&p| p));
     }
 
@@ -232,25 +253,21 @@ mod tests {
         let g = Governor::new(DECODE);
         let mut total = 0;
         while g.lock().period < MAX_PERIOD {
-            let period = g.lock().period;
-            run(&g, period, 1, 5);
-            total += period;
+            total += window(&g, 1, 5).len() as u64;
             assert!(
                 total < 64 * MAX_PERIOD,
                 "the window never reached its limit"
             );
         }
-        run(&g, MAX_PERIOD, 1, 5);
-        assert_eq!(g.lock().period, MAX_PERIOD);
+        assert_eq!(window(&g, 1, 5).len() as u64, MAX_PERIOD);
     }
 
     #[test]
     fn update_schedule_decides_after_one_probe_each_way() {
         let g = Governor::new(UPDATE);
-        let ways = run(&g, UPDATE.period, 40, 60);
-        assert_eq!(&ways[..2], &[false, true]);
-        assert!(ways[2..].iter().all(|&p| !p));
-        assert_eq!(g.lock().period, 2 * UPDATE.period);
+        let ways = window(&g, 40, 60);
+        assert_eq!(ways, [false, true, false, false]);
+        assert_eq!(window(&g, 40, 60).len() as u64, 2 * UPDATE.first_period);
     }
 
     /// A busy core: the pool's probes match the calling thread's, but one in ten of its
@@ -267,10 +284,7 @@ mod tests {
             g.record(choice, Duration::from_millis(ms));
             ways.push(choice.use_pool && choice.probe.is_none());
         }
-        assert!(ways[..PERIOD as usize]
-            .iter()
-            .skip(PROBES as usize)
-            .all(|&p| p));
-        assert!(ways[PERIOD as usize..].iter().all(|&p| !p));
+        assert!(after_probes(&ways[..FIRST as usize]).iter().all(|&p| p));
+        assert!(ways[FIRST as usize..].iter().all(|&p| !p));
     }
 }
