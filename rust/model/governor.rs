@@ -1,14 +1,14 @@
 //! Chooses, call by call, between running on the thread pool and on the calling thread.
 //!
 //! When another process keeps a core busy, a pool thread on that core now and then loses a
-//! whole scheduler time slice, and every parallel loop waits for it: most tokens still take
-//! their usual time, but a few take several milliseconds, and decoding on all threads can
+//! whole scheduler time slice, and every parallel loop waits for it. Most tokens still take
+//! their usual time, but a few take several milliseconds, so decoding on all threads can
 //! end up slower than on one. The governor measures instead of guessing. Each window of
 //! calls starts with a few probes that alternate between the two ways; the rest of the
 //! window runs one way, and every call's time is kept.
 //!
 //! Rare stalls hide from a few probes, so the pool is judged by all of its calls in the
-//! previous window, stalls included, or by its probes where they are slower: it keeps
+//! previous window, stalls included, or by its probes where they are slower. It keeps
 //! running unless the calling thread's probes are faster by a clear margin. Once the calling thread runs the windows, the pool comes
 //! back only when its probes are faster by that margin. The margin on both sides keeps
 //! noise on a quiet machine from giving up the second thread, and keeps a busy machine from
@@ -27,10 +27,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// How a governor probes: a first window of `first_period` calls, then windows of `period`
-/// calls growing to `max_period` while the calling thread wins, each starting with `probes`
-/// calls that alternate the two ways. The first window is short because its probes are all
-/// there is to judge the pool by until it ends.
+/// A governor's probing plan: a first window of `first_period` calls, then windows of
+/// `period` calls growing to `max_period` while the calling thread wins, each starting with
+/// `probes` calls that alternate the two ways. The first window is short because its probes
+/// are all there is to judge the pool by until it ends.
 #[derive(Clone, Copy)]
 pub(super) struct Schedule {
     first_period: u64,
@@ -53,7 +53,7 @@ pub(super) const DECODE: Schedule = Schedule {
 /// Chunk memory updates: one every M tokens and milliseconds long, so a single probe each
 /// way is a clear measurement. An update on the pool runs 1.5-2x faster on a quiet machine,
 /// but a pool that has sat idle through serial decode tokens can be slow on its first
-/// update; so the calling thread takes updates over only when clearly faster.
+/// update. So the calling thread takes updates over only when clearly faster.
 pub(super) const UPDATE: Schedule = Schedule {
     first_period: 4,
     period: 16,
@@ -272,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn updates_leave_the_pool_only_when_it_is_clearly_slower() {
+    fn updates_leave_pool_only_when_clearly_slower() {
         let g = Governor::new(UPDATE);
         // One probe each way; the calling thread a third faster is not enough.
         assert_eq!(window(&g, 40, 60), [false, true, true, true]);

@@ -131,7 +131,7 @@ impl Transformer {
         }
     }
 
-    /// The memory update of one block of slots of layer `l`.
+    /// Runs the memory update of one block of slots of layer `l`.
     fn update_slots(&self, l: usize, s: &mut SlotBlock) {
         let c = *self.config();
         let (dim, kv_dim) = (c.dim, c.kv_dim());
