@@ -124,7 +124,8 @@ impl Transformer {
                 self.update_slots(l, block);
             }
         };
-        if self.parallel() {
+        // One block (a single slot in token mode) needs no fork.
+        if self.parallel() && n > rows {
             blocks.par_iter_mut().for_each(run);
         } else {
             blocks.iter_mut().for_each(run);
