@@ -68,3 +68,27 @@ impl Config {
         total
     }
 }
+
+#[cfg(test)]
+impl Config {
+    /// A one-layer plain model with `n_heads` query heads of `head_size`, for tests of the
+    /// attention alone: the other sizes are 1.
+    pub fn attention_only(
+        head_size: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        seq_len: usize,
+    ) -> Config {
+        Config {
+            dim: head_size * n_heads,
+            hidden_dim: 1,
+            n_layers: 1,
+            n_heads,
+            n_kv_heads,
+            vocab_size: 1,
+            seq_len,
+            mem_len: 0,
+            shared_classifier: true,
+        }
+    }
+}

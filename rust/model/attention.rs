@@ -197,17 +197,7 @@ mod tests {
     fn tiles_match_one_query_at_a_time() {
         let value = |i: usize| ((i * 7919 % 1000) as f32 / 300.0 - 1.6).powi(3);
         for (head_size, n_heads, n_kv_heads) in [(48, 6, 6), (64, 4, 2), (128, 2, 2), (24, 3, 3)] {
-            let c = Config {
-                dim: head_size * n_heads,
-                hidden_dim: 1,
-                n_layers: 1,
-                n_heads,
-                n_kv_heads,
-                vocab_size: 1,
-                seq_len: 64,
-                mem_len: 0,
-                shared_classifier: true,
-            };
+            let c = Config::attention_only(head_size, n_heads, n_kv_heads, 64);
             let (dim, rows) = (c.dim, c.seq_len);
             let keys: Vec<f32> = (0..rows * c.kv_dim()).map(|i| value(i + 1)).collect();
             let values: Vec<f32> = (0..rows * c.kv_dim()).map(|i| value(i + 2)).collect();

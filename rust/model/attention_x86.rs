@@ -406,17 +406,7 @@ mod tests {
             (64, 13, 13),
             (128, 3, 1),
         ] {
-            let c = Config {
-                dim: head_size * n_heads,
-                hidden_dim: 1,
-                n_layers: 1,
-                n_heads,
-                n_kv_heads,
-                vocab_size: 1,
-                seq_len: 64,
-                mem_len: 0,
-                shared_classifier: true,
-            };
+            let c = Config::attention_only(head_size, n_heads, n_kv_heads, 64);
             for n in [1, 7, 37] {
                 let scores: Vec<f32> = (0..n_heads * n).map(|i| value(i + 3).abs()).collect();
                 let values: Vec<f32> = (0..n * c.kv_dim()).map(|i| value(i + 11)).collect();
