@@ -196,9 +196,12 @@ impl Transformer {
         }
     }
 
-    /// Returns whether loops may split across threads: only inside this model's pool, so
-    /// that work the governor keeps on the calling thread never reaches another pool.
+    /// Returns whether loops may split across threads: only on a thread of this model's pool,
+    /// so that work the governor keeps on the calling thread never reaches another pool, even
+    /// when the caller is itself a thread of some other rayon pool.
     fn parallel(&self) -> bool {
-        self.pool.is_some() && rayon::current_thread_index().is_some()
+        self.pool
+            .as_ref()
+            .is_some_and(|pool| pool.current_thread_index().is_some())
     }
 }
