@@ -443,7 +443,7 @@ def worker_main(task_json: str) -> None:
 def run_worker(task: Dict) -> Optional[Dict]:
     """Run `task` in a fresh process and return its result, or None if the process failed."""
     command = [sys.executable, str(SCRIPT), "--worker", json.dumps(task)]
-    # numpy's OpenBLAS starts a thread per core that polls while idle; neither engine uses
+    # numpy's OpenBLAS starts a thread per core that polls while idle. Neither engine uses
     # BLAS, and at 2 threads on 2 cores that thread takes time from both.
     env = {"OPENBLAS_NUM_THREADS": "1", **os.environ}
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)

@@ -491,9 +491,9 @@ def test_reset_and_position_zero_load_clear_logits(tmp_path):
     np.testing.assert_array_equal(model.engine.logits(), 0.0)
 
 
-def test_initial_memory_is_the_same_computed_or_copied(tmp_path):
-    # A reset leaves the initial memory's keys and values to be made on first use: the first
-    # state computes them, later resets copy them, and a save made before any token holds
+def test_initial_memory_computed_or_copied(tmp_path):
+    # A reset leaves the initial memory's keys and values to be made on first use. The first
+    # state computes them, later resets copy them, and a save made before any token contains
     # them too.
     path = write_model(tmp_path, SMALL)
     model = load(path)

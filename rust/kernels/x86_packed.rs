@@ -14,8 +14,8 @@ use super::packed::{PackedQ8, LANE_ORDER, PANEL};
 use super::{QuantizedVec, LANES};
 
 /// Activation vectors that share each block load. Each keeps its int32 group sums, its lane
-/// accumulator and up to three finished lanes in registers; at 4 inputs these fit the 32
-/// vector registers, while 8 spilled to the stack and ran 5-10% slower.
+/// accumulator and up to three finished lanes in registers. At 4 inputs these fit the 32
+/// vector registers, while 8 spilled to the stack and ran 5-10% slower (measured on Zen 4).
 const INPUTS: usize = 4;
 
 /// Input pointers of one tile of `B` activation vectors.
@@ -60,7 +60,7 @@ unsafe fn panel<const B: usize, const GS: usize>(
             let mut acc = [_mm512_setzero_ps(); B];
             for g in (lane..groups).step_by(LANES) {
                 // Two chains of dpbusd per input (even and odd blocks), so that each waits on
-                // the latency of half as many; integer sums are exact in any order.
+                // the latency of half as many. Integer sums are exact in any order.
                 let mut even: [__m512i; B] =
                     std::array::from_fn(|b| _mm512_set1_epi32(-(*tile.sums[b].add(g) << 7)));
                 let mut odd = [_mm512_setzero_si512(); B];

@@ -35,7 +35,7 @@ pub(super) fn attention(
 }
 
 /// Attention of `TILE` consecutive queries, query `j` (`queries[j * dim..]`) at window row
-/// `row + j`, so that it sees rows `0..=row + j`. Query `j` writes `out[j * dim..]` and uses
+/// `row + j`, so that it attends to rows `0..=row + j`. Query `j` writes `out[j * dim..]` and uses
 /// `scores[j * scores_stride..]`, which must hold `n_heads * (row + j + 1)` values. The
 /// results are those of [`attention`] for each query.
 #[allow(clippy::too_many_arguments)]
@@ -50,14 +50,14 @@ pub(super) fn attention_tile(
     scores_stride: usize,
 ) {
     let dim = c.dim;
-    assert!(queries.len() >= TILE * dim && out.len() >= TILE * dim);
+    assert!(queries.len() >= TILE * dim);
+    assert!(out.len() >= TILE * dim);
     assert!(scores.len() >= (TILE - 1) * scores_stride + c.n_heads * (row + TILE));
     #[cfg(target_arch = "x86_64")]
     if x86::tile_supported(c) {
-        assert!(
-            keys.len() >= (row + TILE) * c.kv_dim() && values.len() >= (row + TILE) * c.kv_dim()
-        );
-        // SAFETY: the CPU features were checked and the slices hold what the tile reads.
+        assert!(keys.len() >= (row + TILE) * c.kv_dim());
+        assert!(values.len() >= (row + TILE) * c.kv_dim());
+        // SAFETY: the CPU features were checked and the slices contain what the tile reads.
         return unsafe {
             x86::attention_tile(queries, keys, values, row, c, out, scores, scores_stride)
         };

@@ -147,16 +147,17 @@ pub(super) fn weighted_values(
     let Some(z) = zmm_per_head(c) else {
         return false;
     };
-    assert!(out.len() >= c.dim && scores.len() >= c.n_heads * n && values.len() >= n * c.kv_dim());
+    assert!(out.len() >= c.dim);
+    assert!(scores.len() >= c.n_heads * n);
+    assert!(values.len() >= n * c.kv_dim());
     let query = Query {
         out: out.as_mut_ptr(),
         scores: scores.as_ptr(),
         n,
     };
-    // Several heads per pass over the rows: each row's slice of them is contiguous, which the
-    // prefetcher streams when the window comes from memory (the 110M shape's does not fit
-    // the L2 cache), and each row's adds have many independent sums to go to. Eight-register
-    // heads take two per pass, the others six.
+    // Several heads per pass over the rows, because each row's slice of them is contiguous
+    // and each row's adds then have many independent sums to go to. Eight-register heads
+    // take two per pass, the others six.
     let wide = if z == 8 { 2 } else { 6 };
     let mut h = 0;
     while h < c.n_heads {
@@ -192,7 +193,7 @@ struct Query {
 }
 
 /// Writes heads `first..first + P` of the weighted value sums of `Q` queries, `Z` registers
-/// per head. Rows up to the smallest `n` are loaded once for all queries; each query then
+/// per head. Rows up to the smallest `n` are loaded once for all queries. Each query then
 /// adds its own remaining rows, so every output still adds its rows in window order.
 ///
 /// # Safety
@@ -215,7 +216,7 @@ unsafe fn value_block<const Z: usize, const Q: usize, const P: usize>(
     let rows: [*const f32; P] =
         std::array::from_fn(|p| values[((first + p) / kv_mul) * head_size..].as_ptr());
     // SAFETY (whole body): t stays below each query's n, so weights are inside its scores and
-    // the rows inside `values`; outputs are inside each query's `dim` floats.
+    // the rows inside `values`. Outputs are inside each query's `dim` floats.
     unsafe {
         let weight =
             |q: &Query, p: usize, t: usize| _mm512_set1_ps(*q.scores.add((first + p) * q.n + t));

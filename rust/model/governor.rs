@@ -4,15 +4,15 @@
 //! whole scheduler time slice, and every parallel loop waits for it. Most tokens still take
 //! their usual time, but a few take several milliseconds, so decoding on all threads can
 //! end up slower than on one. The governor measures instead of guessing. Each window of
-//! calls starts with a few probes that alternate between the two ways; the rest of the
+//! calls starts with a few probes that alternate between the two ways. The rest of the
 //! window runs one way, and every call's time is kept.
 //!
 //! Rare stalls hide from a few probes, so the pool is judged by all of its calls in the
 //! previous window, stalls included, or by its probes where they are slower. It keeps
-//! running unless the calling thread's probes are faster by a clear margin. Once the calling thread runs the windows, the pool comes
-//! back only when its probes are faster by that margin. The margin on both sides keeps
-//! noise on a quiet machine from giving up the second thread, and keeps a busy machine from
-//! flipping back to the pool on a few lucky probes.
+//! running unless the calling thread's probes are faster by a clear margin. Once the calling
+//! thread runs the windows, the pool comes back only when its probes are faster by that
+//! margin. The margin on both sides keeps noise on a quiet machine from giving up the second
+//! thread, and keeps a busy machine from flipping back to the pool on a few lucky probes.
 //!
 //! A probe on a contended pool can stall for a whole time slice. So while the calling thread
 //! keeps winning, each window is twice as long as the one before, up to the schedule's
@@ -21,7 +21,7 @@
 //! stays short so that a pool that stalls is found out soon after a model is opened.
 //!
 //! Decode tokens and chunk memory updates have their own governors ([`DECODE`],
-//! [`UPDATE`]): a memory update is a batch of M rows that splits across threads far better
+//! [`UPDATE`]). A memory update is a batch of M rows that splits across threads far better
 //! than one token does, so the two can come out differently on the same machine.
 
 use std::sync::Mutex;

@@ -196,9 +196,9 @@ impl Transformer {
         }
     }
 
-    /// Returns whether loops may split across threads: only on a thread of this model's pool,
-    /// so that work the governor keeps on the calling thread never reaches another pool, even
-    /// when the caller is itself a thread of some other rayon pool.
+    /// Returns whether loops may split across threads, which is only on a thread of this
+    /// model's pool. Work the governor keeps on the calling thread then never reaches another
+    /// pool, even when the caller is itself a thread of some other rayon pool.
     fn parallel(&self) -> bool {
         self.pool
             .as_ref()

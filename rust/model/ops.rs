@@ -2,17 +2,18 @@
 
 pub const RMS_EPS: f32 = 1e-5;
 
-/// `out = w * x / sqrt(mean(x^2) + 1e-5)`. The squares are summed in order: a 1-ulp change
-/// of the norm can move an activation across a Q8_0 rounding step, and in a memory model
+/// `out = w * x / sqrt(mean(x^2) + 1e-5)`. The squares are summed in order, because a 1-ulp
+/// change of the norm can move an activation across a Q8_0 rounding step. In a memory model
 /// such a change lives on in the memory, so the sum keeps one fixed order everywhere.
 pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32]) {
     let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     scale_row(out, x, w, mean_square);
 }
 
-/// [`rmsnorm`] of each of the `x.len() / dim` rows of `x` into `out`. The rows' sums run side
-/// by side, eight at a time, so that eight additions overlap instead of each waiting for the
-/// last; each row's sum still takes its squares in order, so the results are the same.
+/// Applies [`rmsnorm`] to each of the `x.len() / dim` rows of `x`, writing `out`. The rows'
+/// sums run side by side, eight at a time, so that eight additions overlap instead of each
+/// waiting for the last. Each row's sum still takes its squares in order, so the results are
+/// the same.
 pub fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32]) {
     const ROWS: usize = 8;
     let dim = w.len();
@@ -65,9 +66,9 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// The largest value of `x`, ignoring NaN (negative infinity if empty). Eight running maxima
-/// let the loop vectorize; the maximum does not depend on the order, so the result is the same
-/// as a serial fold's.
+/// Returns the largest value of `x`, ignoring NaN (negative infinity if empty). Eight running
+/// maxima let the loop vectorize. The maximum does not depend on the order, so the result is
+/// the same as a serial fold's.
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];

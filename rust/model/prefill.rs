@@ -120,7 +120,7 @@ impl Transformer {
 
             // Causal attention: token i attends to window rows 0..=first_row + i. Tokens are
             // independent here, so tiles of TILE tokens run in parallel, each writing its rows
-            // of b.a; a tile reads each window row once for all its tokens.
+            // of b.a. A tile reads each window row once for all its tokens.
             let keys = &key_cache[layer_cache..layer_cache + rows * kv_dim];
             let values = &value_cache[layer_cache..layer_cache + rows * kv_dim];
             let (queries, stride) = (&b.q, c.n_heads * rows);
