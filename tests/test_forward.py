@@ -179,6 +179,31 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
                 )
 
 
+@pytest.mark.parametrize("mode", ["chunk", "token"])
+def test_memory_update_splits_agree_exactly(tmp_path, mode):
+    # M 40 splits an update on the pool into tasks of 16, 16 and 8 slots per layer; three
+    # layers make the tasks' order differ from the lanes' order.
+    config = Config(
+        dim=64,
+        hidden_dim=160,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=101,
+        seq_len=256,
+        mem_len=40,
+    )
+    path = write_random(tmp_path, "llama2rnn", config)
+    tokens = token_stream(2 * config.mem_len + 7, config.vocab_size, seed=9)
+    expected = run_tokens(Model.load(path, threads=1, mode=mode), tokens)
+    for threads in (2, 3):
+        stepped = Model.load(path, threads=threads, mode=mode)
+        assert np.array_equal(run_tokens(stepped, tokens), expected), f"{threads} threads"
+        batched = Model.load(path, threads=threads, mode=mode)
+        batched.feed(tokens[:-1])
+        assert np.array_equal(batched.forward(tokens[-1]), expected[-1]), f"{threads} threads"
+
+
 def test_reset_restores_initial_state(tmp_path):
     path = write_random(tmp_path, "llama2rnn", SMALL)
     model = Model.load(path, threads=1)

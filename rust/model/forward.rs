@@ -48,9 +48,7 @@ impl Transformer {
             match self.mode {
                 UpdateMode::Chunk if chunk_pos == c.mem_len - 1 => self.update_chunk(state),
                 UpdateMode::Token => self.run_on(choice.use_pool, || {
-                    for l in 0..c.n_layers {
-                        self.update_memory(state, l, chunk_pos..chunk_pos + 1);
-                    }
+                    self.update_memory(state, chunk_pos..chunk_pos + 1)
                 }),
                 UpdateMode::Chunk => {}
             }

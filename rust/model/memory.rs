@@ -1,6 +1,8 @@
 //! The memory update: memory slots become the memory keys/values of the attention window.
 
+use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -27,11 +29,7 @@ impl Transformer {
                 }
             }
             None => {
-                self.run(|| {
-                    for l in 0..c.n_layers {
-                        self.update_memory(state, l, 0..c.mem_len);
-                    }
-                });
+                self.run(|| self.update_memory(state, 0..c.mem_len));
                 let mut window = Vec::with_capacity(2 * c.n_layers * rows);
                 for l in 0..c.n_layers {
                     window.extend_from_slice(&state.key_cache[l * layer..l * layer + rows]);
@@ -47,27 +45,24 @@ impl Transformer {
     /// Recomputes every layer's memory keys and values after a full chunk, on the pool or on
     /// the calling thread as the update governor chooses.
     pub(super) fn update_chunk(&self, state: &mut State) {
-        let layers = self.config().n_layers;
         let mem_len = self.config().mem_len;
         let choice = self.update_governor.choose();
         let start = Instant::now();
-        self.run_on(choice.use_pool, || {
-            for l in 0..layers {
-                self.update_memory(state, l, 0..mem_len);
-            }
-        });
+        self.run_on(choice.use_pool, || self.update_memory(state, 0..mem_len));
         self.update_governor.record(choice, start.elapsed());
     }
 
-    /// Recomputes window rows `slots` of layer `l` from `mem[l][slots]`, as one batch:
-    /// `m += aw2(silu(aw1 g) * aw3 g)` with `g = rmsnorm(m, rms_mff)`, then
+    /// Recomputes window rows `slots` of every layer from `mem[l][slots]`, as one batch per
+    /// layer: `m += aw2(silu(aw1 g) * aw3 g)` with `g = rmsnorm(m, rms_mff)`, then
     /// `k, v = wk n, wv n` with `n = rmsnorm(m, rms_mem)`, and RoPE on k at the slot index.
     ///
-    /// Slots are independent, so on the pool each thread takes blocks of slots through the
-    /// whole layer: one fork per layer instead of one per product. Between many small forks
-    /// an idle thread falls asleep, and waking it again cost more than the update's products
-    /// gained from it.
-    pub(super) fn update_memory(&self, state: &mut State, l: usize, slots: Range<usize>) {
+    /// Layers and slots are independent, so on the pool the update is one fork: a few lanes,
+    /// each with its own rows of scratch, take tasks of [`TASK_ROWS`] slots of one layer in
+    /// layer order until none is left, and run each on their own thread. With a fork per
+    /// layer or per product, an idle thread fell asleep between forks and waking it cost more
+    /// than it gained; and when another process holds a core, each join waited for a
+    /// preempted thread, where now only the last one does.
+    pub(super) fn update_memory(&self, state: &mut State, slots: Range<usize>) {
         let c = *self.config();
         let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
         let n = slots.len();
@@ -80,71 +75,90 @@ impl Transformer {
         } = state;
         let b = &mut scratch.batch;
         debug_assert!(n <= b.rows);
-        let first = (l * c.mem_len + slots.start) * dim;
-        let window = l * c.cache_rows() * kv_dim + slots.start * kv_dim;
-        let rows = if self.parallel() {
-            n.div_ceil(MAX_BLOCKS).max(MIN_BLOCK_ROWS)
+        let parallel = self.parallel();
+        let rows = if parallel { TASK_ROWS.min(n) } else { n }.max(1);
+        let blocks = n.div_ceil(rows);
+        let tasks = c.n_layers * blocks;
+        let lanes = if parallel {
+            self.threads.min(MAX_LANES).min(b.rows / rows).min(tasks)
         } else {
-            n.max(1)
+            1
         };
-        // Split every buffer into the same blocks of rows, without allocating.
-        let mut blocks: [Option<SlotBlock>; MAX_BLOCKS] = Default::default();
-        let mut parts = mem[first..first + n * dim]
-            .chunks(rows * dim)
-            .zip(b.a.chunks_mut(rows * dim))
+
+        // Each lane gets its own rows of every batch buffer, without allocating.
+        let mut parts = b
+            .a
+            .chunks_mut(rows * dim)
             .zip(b.b.chunks_mut(rows * dim))
             .zip(b.h1.chunks_mut(rows * hidden))
             .zip(b.h3.chunks_mut(rows * hidden))
-            .zip(b.kv.chunks_mut(rows * kv_dim))
-            .zip(b.aq.chunks_mut(rows).zip(b.hq.chunks_mut(rows)))
-            .zip(key_cache[window..window + n * kv_dim].chunks_mut(rows * kv_dim))
-            .zip(value_cache[window..window + n * kv_dim].chunks_mut(rows * kv_dim));
-        for (i, slot) in blocks.iter_mut().enumerate() {
-            let Some(((((((((m, a), bb), h1), h3), kv), (aq, hq)), keys), values)) = parts.next()
-            else {
-                break;
-            };
-            *slot = Some(SlotBlock {
-                first_slot: slots.start + i * rows,
-                m,
+            .zip(b.aq.chunks_mut(rows).zip(b.hq.chunks_mut(rows)));
+        let mut scratch: [Option<Lane>; MAX_LANES] = Default::default();
+        for lane in scratch.iter_mut().take(lanes) {
+            let ((((a, bb), h1), h3), (aq, hq)) =
+                parts.next().expect("the batch buffers hold a block of rows per lane");
+            *lane = Some(Lane {
                 a,
                 b: bb,
                 h1,
                 h3,
-                kv,
                 aq,
                 hq,
-                keys,
-                values,
             });
         }
-        debug_assert!(parts.next().is_none(), "more blocks than MAX_BLOCKS");
-        let run = |block: &mut Option<SlotBlock>| {
-            if let Some(block) = block {
-                self.update_slots(l, block);
+
+        let window = WindowRows::new(key_cache, value_cache);
+        let next = AtomicUsize::new(0);
+        let run_lane = |lane: &mut Option<Lane>| {
+            let Some(lane) = lane else { return };
+            loop {
+                let task = next.fetch_add(1, Ordering::Relaxed);
+                if task >= tasks {
+                    break;
+                }
+                let (l, block) = (task / blocks, task % blocks);
+                let first = slots.start + block * rows;
+                let end = (first + rows).min(slots.end);
+                let m = &mem[(l * c.mem_len + first) * dim..(l * c.mem_len + end) * dim];
+                let at = l * c.cache_rows() * kv_dim;
+                // SAFETY: each task number is handed out once, and task (l, block) alone
+                // writes window rows first..end of layer l.
+                let (keys, values) =
+                    unsafe { window.rows(at + first * kv_dim..at + end * kv_dim) };
+                self.update_slots(l, first, m, lane, keys, values);
             }
         };
-        // One block (a single slot in token mode) needs no fork.
-        if self.parallel() && n > rows {
-            blocks.par_iter_mut().for_each(run);
+        if lanes > 1 {
+            scratch[..lanes]
+                .par_iter_mut()
+                .with_max_len(1)
+                .for_each(|lane| self.serially(|| run_lane(lane)));
         } else {
-            blocks.iter_mut().for_each(run);
+            run_lane(&mut scratch[0]);
         }
     }
 
-    /// Runs the memory update of one block of slots of layer `l`.
-    fn update_slots(&self, l: usize, s: &mut SlotBlock) {
-        let c = *self.config();
-        let (dim, kv_dim) = (c.dim, c.kv_dim());
+    /// Runs the memory update of slots `first..` of layer `l`, whose memory rows are `m`,
+    /// into their rows `keys` and `values` of the layer's window.
+    fn update_slots(
+        &self,
+        l: usize,
+        first: usize,
+        m: &[f32],
+        s: &mut Lane,
+        keys: &mut [f32],
+        values: &mut [f32],
+    ) {
+        let dim = self.config().dim;
         let layer = &self.weights.layers[l];
         let weights = layer
             .memory
             .as_ref()
             .expect("memory models have memory weights");
-        let n = s.m.len() / dim;
+        let n = m.len() / dim;
 
         // m: the slots' memory rows, then the memory FFN on rmsnorm(m, rms_mff), added to m.
-        s.a[..n * dim].copy_from_slice(s.m);
+        s.a[..n * dim].copy_from_slice(m);
         let ffn = Ffn {
             norm: weights.rms_mff,
             w1: &weights.aw1,
@@ -167,32 +181,68 @@ impl Transformer {
             weights.rms_mem,
             &mut s.aq[..n],
         );
-        self.matmul(s.kv, &layer.wk, s.b, s.aq, n);
-        s.keys.copy_from_slice(&s.kv[..n * kv_dim]);
-        for (i, key) in s.keys.chunks_exact_mut(kv_dim).enumerate() {
-            self.rope.rotate(key, s.first_slot + i);
+        self.matmul(keys, &layer.wk, s.b, s.aq, n);
+        for (i, key) in keys.chunks_exact_mut(self.config().kv_dim()).enumerate() {
+            self.rope.rotate(key, first + i);
         }
-        self.matmul(s.values, &layer.wv, s.b, s.aq, n);
+        self.matmul(values, &layer.wv, s.b, s.aq, n);
     }
 }
 
-/// Blocks of slots a memory update splits into on the pool, and the fewest rows per block,
-/// so that each block's products still fill the kernel's input tiles.
-const MAX_BLOCKS: usize = 8;
-const MIN_BLOCK_ROWS: usize = 16;
+/// Slots per task of a memory update on the pool: enough that each product fills the
+/// kernel's input tiles and reads each weight panel once for many rows, few enough that the
+/// last task, which the others may wait for, is short. And the most lanes (threads) a memory
+/// update runs on.
+const TASK_ROWS: usize = 16;
+const MAX_LANES: usize = 8;
 
-/// One block of slots of a memory update: its memory rows, its rows of the batch buffers and
-/// its rows of the layer's key/value window.
-struct SlotBlock<'s> {
-    first_slot: usize,
-    m: &'s [f32],
+/// One lane's rows of the batch buffers.
+struct Lane<'s> {
     a: &'s mut [f32],
     b: &'s mut [f32],
     h1: &'s mut [f32],
     h3: &'s mut [f32],
-    kv: &'s mut [f32],
     aq: &'s mut [QuantizedVec],
     hq: &'s mut [QuantizedVec],
-    keys: &'s mut [f32],
-    values: &'s mut [f32],
+}
+
+/// The key and value windows of all layers, handed out row range by row range to tasks that
+/// each write rows no other task writes. Splitting them into slices up front would need a
+/// list per update, and the update runs on the decode path, which does not allocate.
+struct WindowRows<'w> {
+    keys: *mut f32,
+    values: *mut f32,
+    len: usize,
+    _windows: PhantomData<&'w mut [f32]>,
+}
+
+// SAFETY: `rows` hands out disjoint ranges only (its contract), so tasks on different threads
+// never touch the same floats.
+unsafe impl Send for WindowRows<'_> {}
+unsafe impl Sync for WindowRows<'_> {}
+
+impl<'w> WindowRows<'w> {
+    fn new(keys: &'w mut [f32], values: &'w mut [f32]) -> Self {
+        assert_eq!(keys.len(), values.len());
+        WindowRows {
+            keys: keys.as_mut_ptr(),
+            values: values.as_mut_ptr(),
+            len: keys.len(),
+            _windows: PhantomData,
+        }
+    }
+
+    /// Floats `range` of the key and of the value window.
+    ///
+    /// # Safety
+    /// No two slices handed out and still in use may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, range: Range<usize>) -> (&'w mut [f32], &'w mut [f32]) {
+        assert!(range.start <= range.end && range.end <= self.len);
+        let len = range.end - range.start;
+        (
+            std::slice::from_raw_parts_mut(self.keys.add(range.start), len),
+            std::slice::from_raw_parts_mut(self.values.add(range.start), len),
+        )
+    }
 }

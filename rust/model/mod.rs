@@ -13,6 +13,7 @@ mod prefill;
 mod rows;
 pub mod state;
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -197,11 +198,34 @@ impl Transformer {
     }
 
     /// Returns whether loops may split across threads, which is only on a thread of this
-    /// model's pool. Work the governor keeps on the calling thread then never reaches another
-    /// pool, even when the caller is itself a thread of some other rayon pool.
+    /// model's pool and outside [`Self::serially`]. Work the governor keeps on the calling
+    /// thread then never reaches another pool, even when the caller is itself a thread of
+    /// some other rayon pool.
     fn parallel(&self) -> bool {
-        self.pool
-            .as_ref()
-            .is_some_and(|pool| pool.current_thread_index().is_some())
+        !SERIAL.get()
+            && self
+                .pool
+                .as_ref()
+                .is_some_and(|pool| pool.current_thread_index().is_some())
     }
+
+    /// Runs `f` with every loop inside it on the current thread, for work that is already one
+    /// of several parallel tasks.
+    fn serially<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Restores the flag also when `f` panics, so the thread does not stay serial.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SERIAL.set(self.0);
+            }
+        }
+        let _restore = Restore(SERIAL.replace(true));
+        f()
+    }
+}
+
+thread_local! {
+    /// Set while the current thread runs a task of a parallel loop (see
+    /// [`Transformer::serially`]).
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
 }

@@ -48,7 +48,6 @@ pub(crate) struct BatchScratch {
     pub b: Vec<f32>,           // (rows, dim)
     pub h1: Vec<f32>,          // (rows, hidden_dim)
     pub h3: Vec<f32>,          // (rows, hidden_dim)
-    pub kv: Vec<f32>,          // (rows, kv_dim)
     pub aq: Vec<QuantizedVec>, // per row, width dim
     pub hq: Vec<QuantizedVec>, // per row, width hidden_dim
 }
@@ -111,7 +110,6 @@ impl State {
             b: zeroed(batch_rows * c.dim, "batch buffers")?,
             h1: zeroed(batch_rows * c.hidden_dim, "batch buffers")?,
             h3: zeroed(batch_rows * c.hidden_dim, "batch buffers")?,
-            kv: zeroed(batch_rows * c.kv_dim(), "batch buffers")?,
             aq: (0..batch_rows)
                 .map(|_| QuantizedVec::with_capacity(c.dim, group_size))
                 .collect(),
