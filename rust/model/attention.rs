@@ -5,6 +5,10 @@
 //! output starts at zero and adds `weight * value` row after row. The x86 kernels in
 //! `attention_x86` follow the same steps and return the same bits.
 
+use std::ops::Range;
+
+use rayon::prelude::*;
+
 use super::ops::{dot, softmax};
 use crate::config::Config;
 
@@ -15,23 +19,53 @@ use super::attention_x86 as x86;
 /// its queries while the row is in the first-level cache.
 pub(super) const TILE: usize = 4;
 
-/// Multi-head attention of one query over window rows `0..=row`, written to `out` (dim).
-/// `scores` must have at least `n_heads * (row + 1)` values of scratch.
+/// Attention heads `heads` of one query `q` (dim) over window rows `0..=row`, written to
+/// `out` (`heads.len() * head_size`, the heads' part of the output). `scores` must have at
+/// least `heads.len() * (row + 1)` values of scratch. Heads are independent, so any split of
+/// them gives the bits of all heads at once.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     row: usize,
     c: &Config,
+    heads: Range<usize>,
     out: &mut [f32],
     scores: &mut [f32],
 ) {
+    assert!(heads.end <= c.n_heads && out.len() >= heads.len() * c.head_size());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked above).
-        return unsafe { attention_avx2(q, keys, values, row, c, out, scores) };
+        return unsafe { attention_avx2(q, keys, values, row, c, heads, out, scores) };
     }
-    attention_body(q, keys, values, row, c, out, scores)
+    attention_body(q, keys, values, row, c, heads, out, scores)
+}
+
+/// [`attention`] of all heads split into `parts` runs of consecutive heads that run in
+/// parallel, each writing its heads' part of `out` and of `scores`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_parts(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    row: usize,
+    c: &Config,
+    parts: usize,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
+    let (n, head_size) = (row + 1, c.head_size());
+    let per_part = c.n_heads.div_ceil(parts.clamp(1, c.n_heads));
+    out[..c.dim]
+        .par_chunks_mut(per_part * head_size)
+        .zip(scores[..c.n_heads * n].par_chunks_mut(per_part * n))
+        .enumerate()
+        .for_each(|(i, (out, scores))| {
+            let heads = i * per_part..((i + 1) * per_part).min(c.n_heads);
+            attention(q, keys, values, row, c, heads, out, scores);
+        });
 }
 
 /// Attention of `TILE` consecutive queries, query `j` (`queries[j * dim..]`) at window row
@@ -69,6 +103,7 @@ pub(super) fn attention_tile(
             values,
             row + j,
             c,
+            0..c.n_heads,
             &mut out[j * dim..(j + 1) * dim],
             &mut scores[j * scores_stride..],
         );
@@ -82,44 +117,48 @@ pub(super) fn attention_tile(
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attention_avx2(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     row: usize,
     c: &Config,
+    heads: Range<usize>,
     out: &mut [f32],
     scores: &mut [f32],
 ) {
-    attention_body(q, keys, values, row, c, out, scores)
+    attention_body(q, keys, values, row, c, heads, out, scores)
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn attention_body(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
     row: usize,
     c: &Config,
+    heads: Range<usize>,
     out: &mut [f32],
     scores: &mut [f32],
 ) {
     let n = row + 1;
     // One row of scores per head; the window is walked front to back, each key and value
     // row read once for all heads.
-    let scores = &mut scores[..c.n_heads * n];
-    fill_scores(q, keys, 0, n, c, scores);
+    let scores = &mut scores[..heads.len() * n];
+    fill_scores(q, keys, 0, n, c, heads.clone(), scores);
     for head_scores in scores.chunks_exact_mut(n) {
         softmax(head_scores);
     }
     #[cfg(target_arch = "x86_64")]
-    if x86::weighted_values(out, scores, n, values, c) {
+    if x86::weighted_values(out, scores, n, values, c, heads.clone()) {
         return;
     }
-    weighted_values(out, scores, n, values, c);
+    weighted_values(out, scores, n, values, c, heads);
 }
 
-/// Fills the scores of rows `from..n` of every head: `scores[h * n + t]`.
+/// Fills the scores of rows `from..n` of heads `heads`: `scores[(h - heads.start) * n + t]`.
 #[inline(always)]
 pub(super) fn fill_scores(
     q: &[f32],
@@ -127,6 +166,7 @@ pub(super) fn fill_scores(
     from: usize,
     n: usize,
     c: &Config,
+    heads: Range<usize>,
     scores: &mut [f32],
 ) {
     let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
@@ -135,37 +175,45 @@ pub(super) fn fill_scores(
     #[cfg(target_arch = "x86_64")]
     if head_size % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") {
         while t + 8 <= n {
-            for h in 0..c.n_heads {
+            for (i, h) in heads.clone().enumerate() {
                 let q = &q[h * head_size..(h + 1) * head_size];
                 let k = &keys[t * kv_dim + (h / kv_mul) * head_size..(t + 7) * kv_dim + kv_dim];
+                let out = &mut scores[i * n + t..i * n + t + 8];
                 // SAFETY: AVX2 was detected; `k` covers the head's slice of rows t..t + 8.
-                unsafe { x86::scores8(q, k, kv_dim, scale, &mut scores[h * n + t..h * n + t + 8]) };
+                unsafe { x86::scores8(q, k, kv_dim, scale, out) };
             }
             t += 8;
         }
     }
     for (t, k_row) in keys[..n * kv_dim].chunks_exact(kv_dim).enumerate().skip(t) {
-        for h in 0..c.n_heads {
+        for (i, h) in heads.clone().enumerate() {
             let k = &k_row[(h / kv_mul) * head_size..][..head_size];
-            scores[h * n + t] = dot(&q[h * head_size..(h + 1) * head_size], k) * scale;
+            scores[i * n + t] = dot(&q[h * head_size..(h + 1) * head_size], k) * scale;
         }
     }
 }
 
-/// Sets `out` to the score-weighted sum of value rows `0..n`, each output adding its rows in
-/// window order.
+/// Sets `out` to the score-weighted sums of value rows `0..n` of heads `heads`, each output
+/// adding its rows in window order.
 #[inline(always)]
-fn weighted_values(out: &mut [f32], scores: &[f32], n: usize, values: &[f32], c: &Config) {
+fn weighted_values(
+    out: &mut [f32],
+    scores: &[f32],
+    n: usize,
+    values: &[f32],
+    c: &Config,
+    heads: Range<usize>,
+) {
     let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
-    out.fill(0.0);
+    out[..heads.len() * head_size].fill(0.0);
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
     if head_size % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") {
         while t + 8 <= n {
-            for h in 0..c.n_heads {
-                let weights = &scores[h * n + t..h * n + t + 8];
+            for (i, h) in heads.clone().enumerate() {
+                let weights = &scores[i * n + t..i * n + t + 8];
                 let v = &values[t * kv_dim + (h / kv_mul) * head_size..(t + 7) * kv_dim + kv_dim];
-                let out = &mut out[h * head_size..(h + 1) * head_size];
+                let out = &mut out[i * head_size..(i + 1) * head_size];
                 // SAFETY: AVX2 was detected; `v` covers the head's slice of rows t..t + 8.
                 unsafe { x86::add_values8(out, weights, v, kv_dim) };
             }
@@ -177,10 +225,10 @@ fn weighted_values(out: &mut [f32], scores: &[f32], n: usize, values: &[f32], c:
         .enumerate()
         .skip(t)
     {
-        for h in 0..c.n_heads {
-            let weight = scores[h * n + t];
+        for (i, h) in heads.clone().enumerate() {
+            let weight = scores[i * n + t];
             let v = &v_row[(h / kv_mul) * head_size..][..head_size];
-            for (o, &vi) in out[h * head_size..(h + 1) * head_size].iter_mut().zip(v) {
+            for (o, &vi) in out[i * head_size..(i + 1) * head_size].iter_mut().zip(v) {
                 *o += weight * vi;
             }
         }
@@ -190,6 +238,29 @@ fn weighted_values(out: &mut [f32], scores: &[f32], n: usize, values: &[f32], c:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Heads split into parts give the bits of all heads at once, GQA groups split included.
+    #[test]
+    fn head_parts_match_all_heads() {
+        let value = |i: usize| ((i * 6037 % 1000) as f32 / 250.0 - 2.0).powi(3);
+        for (head_size, n_heads, n_kv_heads) in [(64, 12, 12), (48, 6, 2), (24, 5, 5)] {
+            let c = Config::attention_only(head_size, n_heads, n_kv_heads, 64);
+            let keys: Vec<f32> = (0..c.seq_len * c.kv_dim()).map(|i| value(i + 1)).collect();
+            let values: Vec<f32> = (0..c.seq_len * c.kv_dim()).map(|i| value(i + 2)).collect();
+            let q: Vec<f32> = (0..c.dim).map(|i| value(i + 3)).collect();
+            for row in [0, 9, 63] {
+                let mut scores = vec![0.0; n_heads * c.seq_len];
+                let mut want = vec![0.0; c.dim];
+                let all = 0..n_heads;
+                attention(&q, &keys, &values, row, &c, all, &mut want, &mut scores);
+                for parts in [2, 3, n_heads, n_heads + 1] {
+                    let mut got = vec![f32::NAN; c.dim];
+                    attention_parts(&q, &keys, &values, row, &c, parts, &mut got, &mut scores);
+                    assert_eq!(got, want, "head size {head_size}, row {row}, {parts} parts");
+                }
+            }
+        }
+    }
 
     /// A tile gives each query the bits of its own attention, for head sizes the tile kernels
     /// take and one they leave to the fallback, at rows inside and across 8-row blocks.
@@ -219,7 +290,8 @@ mod tests {
                 for j in 0..TILE {
                     let mut want = vec![0.0; dim];
                     let q = &queries[j * dim..(j + 1) * dim];
-                    attention(q, &keys, &values, row + j, &c, &mut want, &mut scores);
+                    let all = 0..n_heads;
+                    attention(q, &keys, &values, row + j, &c, all, &mut want, &mut scores);
                     assert_eq!(
                         &got[j * dim..(j + 1) * dim],
                         &want[..],

@@ -1,6 +1,7 @@
 //! x86 kernels of the attention, each giving the bits of the portable loops in `attention`.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::attention::{fill_scores, TILE};
 use super::ops::softmax;
@@ -130,16 +131,17 @@ fn zmm_per_head(c: &Config) -> Option<usize> {
     }
 }
 
-/// Sets `out` to the score-weighted sum of value rows `0..n` with AVX-512 when the CPU has it
-/// and the head size suits it, returning whether it did. The sums stay in registers for the
-/// whole window instead of being reloaded every eight rows, which made the row loops wait on
-/// the add latency.
+/// Sets `out` to the score-weighted sums of value rows `0..n` of heads `heads` with AVX-512
+/// when the CPU has it and the head size suits it, returning whether it did. `out` and
+/// `scores` hold those heads only. The sums stay in registers for the whole window instead of
+/// being reloaded every eight rows, which made the row loops wait on the add latency.
 pub(super) fn weighted_values(
     out: &mut [f32],
     scores: &[f32],
     n: usize,
     values: &[f32],
     c: &Config,
+    heads: Range<usize>,
 ) -> bool {
     if !std::arch::is_x86_feature_detected!("avx512f") {
         return false;
@@ -147,8 +149,10 @@ pub(super) fn weighted_values(
     let Some(z) = zmm_per_head(c) else {
         return false;
     };
-    assert!(out.len() >= c.dim);
-    assert!(scores.len() >= c.n_heads * n);
+    let count = heads.len();
+    assert!(heads.end <= c.n_heads);
+    assert!(out.len() >= count * c.head_size());
+    assert!(scores.len() >= count * n);
     assert!(values.len() >= n * c.kv_dim());
     let query = Query {
         out: out.as_mut_ptr(),
@@ -159,28 +163,40 @@ pub(super) fn weighted_values(
     // and each row's adds then have many independent sums to go to. Eight-register heads
     // take two per pass, the others six.
     let wide = if z == 8 { 2 } else { 6 };
-    let mut h = 0;
-    while h < c.n_heads {
-        let heads = if c.n_heads - h >= wide { wide } else { 1 };
-        // SAFETY: AVX-512 F was detected, heads h..h + heads exist, and the slices hold what
+    let mut i = 0;
+    while i < count {
+        let p = if count - i >= wide { wide } else { 1 };
+        let block = Heads {
+            first: i,
+            window: heads.start + i,
+        };
+        // SAFETY: AVX-512 F was detected, heads i..i + p exist, and the slices hold what
         // `value_block` reads and writes (asserted above).
         unsafe {
-            match (z, heads) {
-                (1, 6) => value_block::<1, 1, 6>([query], values, c, h),
-                (2, 6) => value_block::<2, 1, 6>([query], values, c, h),
-                (3, 6) => value_block::<3, 1, 6>([query], values, c, h),
-                (4, 6) => value_block::<4, 1, 6>([query], values, c, h),
-                (8, 2) => value_block::<8, 1, 2>([query], values, c, h),
-                (1, _) => value_block::<1, 1, 1>([query], values, c, h),
-                (2, _) => value_block::<2, 1, 1>([query], values, c, h),
-                (3, _) => value_block::<3, 1, 1>([query], values, c, h),
-                (4, _) => value_block::<4, 1, 1>([query], values, c, h),
-                _ => value_block::<8, 1, 1>([query], values, c, h),
+            match (z, p) {
+                (1, 6) => value_block::<1, 1, 6>([query], values, c, block),
+                (2, 6) => value_block::<2, 1, 6>([query], values, c, block),
+                (3, 6) => value_block::<3, 1, 6>([query], values, c, block),
+                (4, 6) => value_block::<4, 1, 6>([query], values, c, block),
+                (8, 2) => value_block::<8, 1, 2>([query], values, c, block),
+                (1, _) => value_block::<1, 1, 1>([query], values, c, block),
+                (2, _) => value_block::<2, 1, 1>([query], values, c, block),
+                (3, _) => value_block::<3, 1, 1>([query], values, c, block),
+                (4, _) => value_block::<4, 1, 1>([query], values, c, block),
+                _ => value_block::<8, 1, 1>([query], values, c, block),
             }
         }
-        h += heads;
+        i += p;
     }
     true
+}
+
+/// The first head of a value block: its index in the queries' outputs and scores, and the
+/// head of the model it is, which picks the value columns.
+#[derive(Clone, Copy)]
+struct Heads {
+    first: usize,
+    window: usize,
 }
 
 /// One query of a value block: its output row, its scores (`n_heads` rows of `n`) and its
@@ -193,13 +209,15 @@ struct Query {
 }
 
 /// Writes heads `first..first + P` of the weighted value sums of `Q` queries, `Z` registers
-/// per head. Rows up to the smallest `n` are loaded once for all queries. Each query then
+/// per head, where the block's first head is model head `heads.window` and sits at
+/// `heads.first` in the queries' outputs and scores. Rows up to the smallest `n` are loaded once for all queries. Each query then
 /// adds its own remaining rows, so every output still adds its rows in window order.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F; the head size must be `16 * Z` and `first + P <= n_heads`;
-/// each query's `out` must hold `dim` floats, its `scores` `n_heads * n`, and `values` must
-/// hold `n * kv_dim` floats for the largest `n`.
+/// The CPU must support AVX-512 F; the head size must be `16 * Z` and `heads.window + P <=
+/// n_heads`; each query's `out` must hold `(heads.first + P) * head_size` floats, its
+/// `scores` `(heads.first + P) * n`, and `values` must hold `n * kv_dim` floats for the
+/// largest `n`.
 // Index loops over the register tile read more plainly than iterator chains here.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
@@ -207,14 +225,15 @@ unsafe fn value_block<const Z: usize, const Q: usize, const P: usize>(
     queries: [Query; Q],
     values: &[f32],
     c: &Config,
-    first: usize,
+    heads: Heads,
 ) {
     let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
     debug_assert_eq!(head_size, 16 * Z);
+    let first = heads.first;
     let shared = queries.iter().map(|q| q.n).min().unwrap_or(0);
     let mut acc = [[[_mm512_setzero_ps(); Z]; P]; Q];
     let rows: [*const f32; P] =
-        std::array::from_fn(|p| values[((first + p) / kv_mul) * head_size..].as_ptr());
+        std::array::from_fn(|p| values[((heads.window + p) / kv_mul) * head_size..].as_ptr());
     // SAFETY (whole body): t stays below each query's n, so weights are inside its scores and
     // the rows inside `values`. Outputs are inside each query's `dim` floats.
     unsafe {
@@ -309,6 +328,7 @@ pub(super) unsafe fn attention_tile(
             shared_blocks,
             n[j],
             c,
+            0..c.n_heads,
             scores,
         );
         for head_scores in scores.chunks_exact_mut(n[j]) {
@@ -323,6 +343,10 @@ pub(super) unsafe fn attention_tile(
     };
     let tile: [Query; TILE] = std::array::from_fn(query);
     for h in 0..c.n_heads {
+        let h = Heads {
+            first: h,
+            window: h,
+        };
         // SAFETY: the CPU features hold, the head size is 16 * Z, and every query's output,
         // scores and rows are inside the slices (the caller's guarantee).
         unsafe {
@@ -421,9 +445,16 @@ mod tests {
                         }
                     }
                 }
-                let mut got = vec![f32::NAN; c.dim];
-                assert!(weighted_values(&mut got, &scores, n, &values, &c));
-                assert_eq!(got, want, "head size {head_size}, {n} rows");
+                // All heads at once, and in two parts that split GQA groups and passes.
+                for split in [0, 1, n_heads / 2] {
+                    let mut got = vec![f32::NAN; c.dim];
+                    let (low, high) = got.split_at_mut(split * head_size);
+                    let (low_scores, high_scores) = scores.split_at(split * n);
+                    assert!(weighted_values(low, low_scores, n, &values, &c, 0..split));
+                    let rest = split..n_heads;
+                    assert!(weighted_values(high, high_scores, n, &values, &c, rest));
+                    assert_eq!(got, want, "head size {head_size}, {n} rows, split {split}");
+                }
             }
         }
     }

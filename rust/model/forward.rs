@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use super::attention::attention;
+use super::attention::{attention, attention_parts};
 use super::ops::{add_in_place, rmsnorm, swiglu};
 use super::{State, Transformer, UpdateMode};
 use crate::error::{Error, Result};
@@ -99,7 +99,7 @@ impl Transformer {
             // Multi-head attention over window rows 0..=row; the heads fill xb.
             let layer_rows = layer_cache..layer_cache + rows * kv_dim;
             let (keys, values) = (&key_cache[layer_rows.clone()], &value_cache[layer_rows]);
-            attention(&s.q, keys, values, row, &c, &mut s.xb, &mut s.scores);
+            self.attend(&s.q, keys, values, row, &mut s.xb, &mut s.scores);
 
             // The attention output (before wo) becomes this chunk position's memory.
             if c.is_memory_model() {
@@ -129,6 +129,34 @@ impl Transformer {
         rmsnorm(&mut s.xb, &s.x, self.weights.rms_final);
         self.prepare(&s.xb, &mut s.xq);
         self.matvec(&mut s.logits, &self.weights.wcls, &s.xb, &s.xq);
+    }
+}
+
+/// Key floats a token's attention reads before its heads split across the pool: a fork costs
+/// about as much as reading fewer.
+const PARALLEL_ATTENTION_MIN: usize = 96 * 1024;
+
+impl Transformer {
+    /// One token's attention over window rows `0..=row`, into `out` (dim). On the pool, a
+    /// long enough window splits its heads into one part per thread. A thread reads the
+    /// window from memory at well under the bandwidth (the weights stream through the caches
+    /// between tokens and evict it), so two threads reading at once finish sooner.
+    fn attend(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        row: usize,
+        out: &mut [f32],
+        scores: &mut [f32],
+    ) {
+        let c = self.config();
+        let n = row + 1;
+        if !self.parallel() || n * c.kv_dim() < PARALLEL_ATTENTION_MIN {
+            attention(q, keys, values, row, c, 0..c.n_heads, out, scores);
+            return;
+        }
+        attention_parts(q, keys, values, row, c, self.threads, out, scores);
     }
 }
 

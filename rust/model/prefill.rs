@@ -138,7 +138,8 @@ impl Transformer {
                     .enumerate()
                 {
                     let q = &queries[(first + j) * dim..(first + j + 1) * dim];
-                    attention(q, keys, values, first_row + first + j, &c, out, scores);
+                    let (row, all) = (first_row + first + j, 0..c.n_heads);
+                    attention(q, keys, values, row, &c, all, out, scores);
                 }
             };
             if self.parallel() {
