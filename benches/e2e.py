@@ -931,7 +931,8 @@ def report_busy(busy: Dict) -> List[str]:
 def roof_rows(roof: Dict, compare: Dict, files: ModelFiles, settings: Settings) -> List[List[str]]:
     """Return one row per thread count: roofs and measured rates of both engines."""
     shape = files.shape
-    ours_total = decode_bytes_per_token(shape, files.group_size)["total"]
+    ours = decode_bytes_per_token(shape, files.group_size)
+    ours_total = ours["total"]
     steps = decode_steps(settings, shape)
     cpp_total = llama_cpp_bytes_per_token(shape, PROMPT_LENGTH + steps / 2)["total"]
     rows = []
@@ -945,6 +946,8 @@ def roof_rows(roof: Dict, compare: Dict, files: ModelFiles, settings: Settings) 
         step_ms = summarize(record["llama2rnn"], "step_ms")
         step_rate = 1000 / step_ms if step_ms else None
         cpp_rate = summarize(record["llama.cpp"], "decode_greedy")
+        update_ms = summarize(record["llama2rnn"], "update_ms")
+        needed = forward_rate_needed(ours, roof_rate, update_ms, shape.mem_len)
         rows.append(
             [
                 str(threads),
@@ -953,12 +956,32 @@ def roof_rows(roof: Dict, compare: Dict, files: ModelFiles, settings: Settings) 
                 fmt(100 * rate / roof_rate if rate else None, 0, "%"),
                 fmt(step_rate),
                 fmt(100 * step_rate / roof_rate if step_rate else None, 0, "%"),
+                fmt(update_ms / shape.mem_len if update_ms else None, 3),
+                fmt(needed, 1),
+                fmt(100 * needed / bandwidth["gb_per_s"] if needed else None, 0, "%"),
                 fmt(cpp_roof),
                 fmt(cpp_rate),
                 fmt(100 * cpp_rate / cpp_roof if cpp_rate else None, 0, "%"),
             ]
         )
     return rows
+
+
+def forward_rate_needed(
+    bytes_per_token: Dict[str, float], roof_rate: float, update_ms: Optional[float], m: int
+) -> Optional[float]:
+    """Read rate in GB/s that the forward steps need for decode at 90% of the roof.
+
+    The memory update's arithmetic takes `update_ms / M` of every token's time; the forward
+    step gets the rest of the time that 90% of the roof allows, and reads the weights and
+    the key/value window in it.
+    """
+    if not update_ms:
+        return None
+    left_s = 1 / (0.9 * roof_rate) - update_ms / 1000 / m
+    if left_s <= 0:
+        return float("inf")
+    return (bytes_per_token["weights"] + bytes_per_token["kv"]) / left_s / 1e9
 
 
 def report_roof(
@@ -989,7 +1012,10 @@ def report_roof(
         f"{ours['memory_update'] / 1e6:.2f} MB, total {ours['total'] / 1e6:.1f} MB. "
         f"llama.cpp: weights {cpp['weights'] / 1e6:.1f} MB, fp16 key/value cache at the "
         f"average context of the decode run {cpp['kv'] / 1e6:.1f} MB. The forward-only rate "
-        "is 1 / (the step at chunk position M-2), a step without a memory update.",
+        "is 1 / (the step at chunk position M-2), a step without a memory update. Each "
+        "token also pays its share of a memory update's arithmetic (update per token). "
+        "\"Read rate for 90%\" is the rate at which the forward steps would have to read "
+        "the weights and the window in the time per token left at 90% of the roof.",
         "",
     ]
     header = [
@@ -999,6 +1025,9 @@ def report_roof(
         "of roof",
         "llama2rnn forward only",
         "of roof",
+        "update per token (ms)",
+        "read rate for 90% (GB/s)",
+        "of bandwidth",
         "llama.cpp roof",
         "llama.cpp greedy",
         "of roof",
