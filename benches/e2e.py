@@ -972,9 +972,9 @@ def forward_rate_needed(
 ) -> Optional[float]:
     """Read rate in GB/s that the forward steps need for decode at 90% of the roof.
 
-    The memory update's arithmetic takes `update_ms / M` of every token's time; the forward
-    step gets the rest of the time that 90% of the roof allows, and reads the weights and
-    the key/value window in it.
+    The memory update's arithmetic takes `update_ms / M` of every token's time. The forward
+    step gets the rest of the time that 90% of the roof allows, and must read the weights
+    and the key/value window in it.
     """
     if not update_ms:
         return None

@@ -181,8 +181,8 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
 
 @pytest.mark.parametrize("mode", ["chunk", "token"])
 def test_memory_update_splits_agree_exactly(tmp_path, mode):
-    # M 40 splits an update on the pool into tasks of 16, 16 and 8 slots per layer; three
-    # layers make the tasks' order differ from the lanes' order.
+    # M 40 splits an update on the pool into tasks of 16, 16 and 8 slots per layer. With
+    # three layers, the lanes take tasks of different layers at once.
     config = Config(
         dim=64,
         hidden_dim=160,

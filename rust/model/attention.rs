@@ -34,7 +34,8 @@ pub(super) fn attention(
     out: &mut [f32],
     scores: &mut [f32],
 ) {
-    assert!(heads.end <= c.n_heads && out.len() >= heads.len() * c.head_size());
+    assert!(heads.end <= c.n_heads);
+    assert!(out.len() >= heads.len() * c.head_size());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked above).

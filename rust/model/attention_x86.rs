@@ -214,10 +214,10 @@ struct Query {
 /// adds its own remaining rows, so every output still adds its rows in window order.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F; the head size must be `16 * Z` and `heads.window + P <=
-/// n_heads`; each query's `out` must hold `(heads.first + P) * head_size` floats, its
-/// `scores` `(heads.first + P) * n`, and `values` must hold `n * kv_dim` floats for the
-/// largest `n`.
+/// The CPU must support AVX-512 F. The head size must be `16 * Z`, and `heads.window + P <=
+/// n_heads`. Each query's `out` must hold `(heads.first + P) * head_size` floats and its
+/// `scores` `(heads.first + P) * n`. `values` must hold `n * kv_dim` floats for the largest
+/// `n`.
 // Index loops over the register tile read more plainly than iterator chains here.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]

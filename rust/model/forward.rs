@@ -137,10 +137,11 @@ impl Transformer {
 const PARALLEL_ATTENTION_MIN: usize = 96 * 1024;
 
 impl Transformer {
-    /// One token's attention over window rows `0..=row`, into `out` (dim). On the pool, a
-    /// long enough window splits its heads into one part per thread. A thread reads the
-    /// window from memory at well under the bandwidth (the weights stream through the caches
-    /// between tokens and evict it), so two threads reading at once finish sooner.
+    /// Runs one token's attention over window rows `0..=row`, into `out` (dim). On the pool,
+    /// a long enough window splits its heads into one part per thread. Between tokens the
+    /// weights stream through the caches and evict the window, and one thread reads it back
+    /// from memory at well under the bandwidth, so two threads reading at once finish
+    /// sooner.
     fn attend(
         &self,
         q: &[f32],

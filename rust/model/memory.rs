@@ -56,12 +56,12 @@ impl Transformer {
     /// layer: `m += aw2(silu(aw1 g) * aw3 g)` with `g = rmsnorm(m, rms_mff)`, then
     /// `k, v = wk n, wv n` with `n = rmsnorm(m, rms_mem)`, and RoPE on k at the slot index.
     ///
-    /// Layers and slots are independent, so on the pool the update is one fork: a few lanes,
+    /// Layers and slots are independent, so on the pool the update is one fork. A few lanes,
     /// each with its own rows of scratch, take tasks of [`TASK_ROWS`] slots of one layer in
-    /// layer order until none is left, and run each on their own thread. With a fork per
-    /// layer or per product, an idle thread fell asleep between forks and waking it cost more
-    /// than it gained; and when another process holds a core, each join waited for a
-    /// preempted thread, where now only the last one does.
+    /// layer order until none is left, and run each task on their own thread. With a fork
+    /// per layer or per product, an idle thread fell asleep between forks, and waking it cost
+    /// more than it gained. And when another process holds a core, every join waited for a
+    /// preempted thread; now only the one join does.
     pub(super) fn update_memory(&self, state: &mut State, slots: Range<usize>) {
         let c = *self.config();
         let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
@@ -86,17 +86,17 @@ impl Transformer {
         };
 
         // Each lane gets its own rows of every batch buffer, without allocating.
-        let mut parts = b
-            .a
-            .chunks_mut(rows * dim)
-            .zip(b.b.chunks_mut(rows * dim))
-            .zip(b.h1.chunks_mut(rows * hidden))
-            .zip(b.h3.chunks_mut(rows * hidden))
-            .zip(b.aq.chunks_mut(rows).zip(b.hq.chunks_mut(rows)));
+        let mut parts =
+            b.a.chunks_mut(rows * dim)
+                .zip(b.b.chunks_mut(rows * dim))
+                .zip(b.h1.chunks_mut(rows * hidden))
+                .zip(b.h3.chunks_mut(rows * hidden))
+                .zip(b.aq.chunks_mut(rows).zip(b.hq.chunks_mut(rows)));
         let mut scratch: [Option<Lane>; MAX_LANES] = Default::default();
         for lane in scratch.iter_mut().take(lanes) {
-            let ((((a, bb), h1), h3), (aq, hq)) =
-                parts.next().expect("the batch buffers hold a block of rows per lane");
+            let ((((a, bb), h1), h3), (aq, hq)) = parts
+                .next()
+                .expect("the batch buffers hold a block of rows per lane");
             *lane = Some(Lane {
                 a,
                 b: bb,
@@ -123,8 +123,7 @@ impl Transformer {
                 let at = l * c.cache_rows() * kv_dim;
                 // SAFETY: each task number is handed out once, and task (l, block) alone
                 // writes window rows first..end of layer l.
-                let (keys, values) =
-                    unsafe { window.rows(at + first * kv_dim..at + end * kv_dim) };
+                let (keys, values) = unsafe { window.rows(at + first * kv_dim..at + end * kv_dim) };
                 self.update_slots(l, first, m, lane, keys, values);
             }
         };
@@ -189,11 +188,12 @@ impl Transformer {
     }
 }
 
-/// Slots per task of a memory update on the pool: enough that each product fills the
-/// kernel's input tiles and reads each weight panel once for many rows, few enough that the
-/// last task, which the others may wait for, is short. And the most lanes (threads) a memory
-/// update runs on.
+/// Slots per task of a memory update on the pool. With 16, each product fills the kernel's
+/// input tiles and reads each weight panel once for many rows, and the last task, which the
+/// other lanes may wait for, stays short (4 to 16 measured alike at 2 threads on toy20M,
+/// 32 and 64 slower).
 const TASK_ROWS: usize = 16;
+/// The most lanes (threads) a memory update runs on.
 const MAX_LANES: usize = 8;
 
 /// One lane's rows of the batch buffers.
@@ -238,7 +238,8 @@ impl<'w> WindowRows<'w> {
     /// No two slices handed out and still in use may overlap.
     #[allow(clippy::mut_from_ref)]
     unsafe fn rows(&self, range: Range<usize>) -> (&'w mut [f32], &'w mut [f32]) {
-        assert!(range.start <= range.end && range.end <= self.len);
+        assert!(range.start <= range.end);
+        assert!(range.end <= self.len);
         let len = range.end - range.start;
         (
             std::slice::from_raw_parts_mut(self.keys.add(range.start), len),
