@@ -88,8 +88,10 @@ pub struct Engine {
 impl Engine {
     /// Maps the checkpoint at `path`. `mode` is "chunk" or "token"; `kernel` is "auto" or a
     /// name from `supported_kernels()`; `expected_format` rejects files of other formats.
+    /// `governed=False` runs every decode token and memory update on the thread pool instead
+    /// of letting the engine choose, for tests and measurements of the parallel paths.
     #[new]
-    #[pyo3(signature = (path, *, threads=1, mode="chunk", kernel="auto", expected_format=None))]
+    #[pyo3(signature = (path, *, threads=1, mode="chunk", kernel="auto", expected_format=None, governed=true))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -97,6 +99,7 @@ impl Engine {
         mode: &str,
         kernel: &str,
         expected_format: Option<&str>,
+        governed: bool,
     ) -> PyResult<Engine> {
         if !(1..=1024).contains(&threads) {
             return Err(PyValueError::new_err(format!(
@@ -116,6 +119,7 @@ impl Engine {
             threads: threads as usize,
             kernel: KernelPath::from_name(kernel).map_err(to_py)?,
             expected_format,
+            governed,
         };
         py.detach(|| {
             let model = Transformer::open(&path, &options)?;

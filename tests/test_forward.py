@@ -197,11 +197,39 @@ def test_memory_update_splits_agree_exactly(tmp_path, mode):
     tokens = token_stream(2 * config.mem_len + 7, config.vocab_size, seed=9)
     expected = run_tokens(Model.load(path, threads=1, mode=mode), tokens)
     for threads in (2, 3):
-        stepped = Model.load(path, threads=threads, mode=mode)
-        assert np.array_equal(run_tokens(stepped, tokens), expected), f"{threads} threads"
+        # Every token and update on the pool, so that the lanes run for every update.
+        stepped = llama2rnn._llama2rnn.Engine(path, threads=threads, mode=mode, governed=False)
+        got = np.stack([stepped.forward(t) for t in tokens])
+        assert np.array_equal(got, expected), f"{threads} threads"
         batched = Model.load(path, threads=threads, mode=mode)
         batched.feed(tokens[:-1])
         assert np.array_equal(batched.forward(tokens[-1]), expected[-1]), f"{threads} threads"
+
+
+def test_pool_decode_matches_one_thread(tmp_path):
+    # kv_dim 512: from chunk position 63 on, the window has enough keys for a decode token
+    # to split its heads across the pool (6, 6 and 4 of the 16 heads at 3 threads, which
+    # splits a GQA pair). The tokens run past a memory update.
+    config = Config(
+        dim=1024,
+        hidden_dim=128,
+        n_layers=1,
+        n_heads=16,
+        n_kv_heads=8,
+        vocab_size=64,
+        seq_len=256,
+        mem_len=128,
+    )
+    path = write_random(tmp_path, "llama2rnn", config)
+    tokens = token_stream(140, config.vocab_size, seed=4)
+
+    def decode(threads: int) -> np.ndarray:
+        engine = llama2rnn._llama2rnn.Engine(path, threads=threads, governed=threads == 1)
+        return np.stack([engine.forward(t) for t in tokens])
+
+    expected = decode(1)
+    for threads in (2, 3):
+        assert np.array_equal(decode(threads), expected), f"{threads} threads"
 
 
 def test_reset_restores_initial_state(tmp_path):

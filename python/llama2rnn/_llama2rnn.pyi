@@ -20,6 +20,7 @@ class Engine:
         mode: str = "chunk",
         kernel: str = "auto",
         expected_format: str | None = None,
+        governed: bool = True,
     ) -> None: ...
     @property
     def config(self) -> dict[str, Any]: ...

@@ -68,6 +68,8 @@ const MARGIN: f64 = 0.9;
 
 pub(super) struct Governor {
     schedule: Schedule,
+    /// False puts every call on the pool, unmeasured.
+    enabled: bool,
     window: Mutex<Window>,
 }
 
@@ -114,9 +116,12 @@ pub(super) struct Choice {
 }
 
 impl Governor {
-    pub fn new(schedule: Schedule) -> Self {
+    /// Makes a governor that chooses when `enabled`, and otherwise sends every call to the
+    /// pool.
+    pub fn new(schedule: Schedule, enabled: bool) -> Self {
         Governor {
             schedule,
+            enabled,
             window: Mutex::new(Window {
                 calls: 0,
                 period: schedule.first_period,
@@ -135,6 +140,12 @@ impl Governor {
     }
 
     pub fn choose(&self) -> Choice {
+        if !self.enabled {
+            return Choice {
+                use_pool: true,
+                probe: None,
+            };
+        }
         let mut w = self.lock();
         if w.calls == w.period {
             // A new window: keep what the pool did in the one that ends.
@@ -164,6 +175,9 @@ impl Governor {
     /// Records the time of a call that ran the way `choice` chose. The last probe of a
     /// window decides the rest of it and sets its length.
     pub fn record(&self, choice: Choice, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
         let mut w = self.lock();
         let Some(k) = choice.probe else {
@@ -233,7 +247,7 @@ mod tests {
 
     #[test]
     fn picks_the_faster_way_after_probing_both() {
-        let g = Governor::new(DECODE);
+        let g = Governor::new(DECODE, true);
         let first = window(&g, 2, 1);
         assert_eq!(first.len() as u64, FIRST);
         let probes = &first[..PROBES as usize];
@@ -259,7 +273,7 @@ mod tests {
 
     #[test]
     fn windows_stop_growing_at_the_limit() {
-        let g = Governor::new(DECODE);
+        let g = Governor::new(DECODE, true);
         let mut total = 0;
         while g.lock().period < MAX_PERIOD {
             total += window(&g, 1, 5).len() as u64;
@@ -273,7 +287,7 @@ mod tests {
 
     #[test]
     fn updates_leave_pool_only_when_clearly_slower() {
-        let g = Governor::new(UPDATE);
+        let g = Governor::new(UPDATE, true);
         // One probe each way; the calling thread a third faster is not enough.
         assert_eq!(window(&g, 40, 60), [false, true, true, true]);
         // Twice as fast is.
@@ -282,12 +296,19 @@ mod tests {
         assert_eq!(second.len() as u64, 2 * UPDATE.first_period);
     }
 
+    /// Switched off, every call goes to the pool, however slow the pool is.
+    #[test]
+    fn switched_off_always_uses_the_pool() {
+        let g = Governor::new(DECODE, false);
+        assert!(run(&g, 3 * FIRST, 1, 50).iter().all(|&p| p));
+    }
+
     /// A busy core: the pool's probes match the calling thread's, but one in ten of its
     /// other tokens stalls for a time slice. The governor leaves the pool after the first
     /// window and does not come back on probes that only tie.
     #[test]
     fn leaves_a_pool_that_stalls_between_probes() {
-        let g = Governor::new(DECODE);
+        let g = Governor::new(DECODE, true);
         let mut ways = Vec::new();
         for i in 0..20 * MAX_PERIOD {
             let choice = g.choose();

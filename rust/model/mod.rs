@@ -63,6 +63,10 @@ pub struct Options {
     pub kernel: KernelPath,
     /// Reject a checkpoint of any other format.
     pub expected_format: Option<Format>,
+    /// Let the governors choose between the pool and the calling thread call by call
+    /// (default). Off, every decode token and memory update runs on the pool, so that tests
+    /// and measurements can pin the parallel paths.
+    pub governed: bool,
 }
 
 impl Default for Options {
@@ -72,6 +76,7 @@ impl Default for Options {
             threads: 1,
             kernel: KernelPath::detect(),
             expected_format: None,
+            governed: true,
         }
     }
 }
@@ -126,8 +131,8 @@ impl Transformer {
             kernel: options.kernel,
             threads,
             pool,
-            governor: Governor::new(governor::DECODE),
-            update_governor: Governor::new(governor::UPDATE),
+            governor: Governor::new(governor::DECODE, options.governed),
+            update_governor: Governor::new(governor::UPDATE, options.governed),
             initial_window: OnceLock::new(),
         })
     }
