@@ -181,8 +181,9 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
 
 @pytest.mark.parametrize("mode", ["chunk", "token"])
 def test_memory_update_splits_agree_exactly(tmp_path, mode):
-    # M 40 splits an update on the pool into tasks of 16, 16 and 8 slots per layer. With
-    # three layers, the lanes take tasks of different layers at once.
+    # M 40 splits an update on the pool into tasks of 16, 16 and 8 slots per layer at 2
+    # threads, 13, 13, 13 and 1 at 3, and 8 at 5. With three layers, the lanes take tasks of
+    # different layers at once.
     config = Config(
         dim=64,
         hidden_dim=160,
@@ -196,7 +197,7 @@ def test_memory_update_splits_agree_exactly(tmp_path, mode):
     path = write_random(tmp_path, "llama2rnn", config)
     tokens = token_stream(2 * config.mem_len + 7, config.vocab_size, seed=9)
     expected = run_tokens(Model.load(path, threads=1, mode=mode), tokens)
-    for threads in (2, 3):
+    for threads in (2, 3, 5):
         # Every token and update on the pool, so that the lanes run for every update.
         stepped = llama2rnn._llama2rnn.Engine(path, threads=threads, mode=mode, governed=False)
         got = np.stack([stepped.forward(t) for t in tokens])

@@ -208,10 +208,11 @@ struct Query {
     n: usize,
 }
 
-/// Writes heads `first..first + P` of the weighted value sums of `Q` queries, `Z` registers
-/// per head, where the block's first head is model head `heads.window` and sits at
-/// `heads.first` in the queries' outputs and scores. Rows up to the smallest `n` are loaded once for all queries. Each query then
-/// adds its own remaining rows, so every output still adds its rows in window order.
+/// Writes `P` heads of the weighted value sums of `Q` queries, `Z` registers per head. The
+/// block's first head is model head `heads.window` and sits at `heads.first` in the queries'
+/// outputs and scores. Rows up to the smallest `n` are loaded once for all queries. Each
+/// query then adds its own remaining rows, so every output still adds its rows in window
+/// order.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F. The head size must be `16 * Z`, and `heads.window + P <=
@@ -235,7 +236,8 @@ unsafe fn value_block<const Z: usize, const Q: usize, const P: usize>(
     let rows: [*const f32; P] =
         std::array::from_fn(|p| values[((heads.window + p) / kv_mul) * head_size..].as_ptr());
     // SAFETY (whole body): t stays below each query's n, so weights are inside its scores and
-    // the rows inside `values`. Outputs are inside each query's `dim` floats.
+    // the rows inside `values`. Outputs are inside each query's `(heads.first + P) *
+    // head_size` floats.
     unsafe {
         let weight =
             |q: &Query, p: usize, t: usize| _mm512_set1_ps(*q.scores.add((first + p) * q.n + t));

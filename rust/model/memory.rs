@@ -60,8 +60,8 @@ impl Transformer {
     /// each with its own rows of scratch, take tasks of [`TASK_ROWS`] slots of one layer in
     /// layer order until none is left, and run each task on their own thread. With a fork
     /// per layer or per product, an idle thread fell asleep between forks, and waking it cost
-    /// more than it gained. And when another process holds a core, every join waited for a
-    /// preempted thread; now only the one join does.
+    /// more than it gained. And when another process keeps a core busy, every join waited
+    /// for a preempted thread; now only the one join does.
     pub(super) fn update_memory(&self, state: &mut State, slots: Range<usize>) {
         let c = *self.config();
         let (dim, kv_dim, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
@@ -74,16 +74,13 @@ impl Transformer {
             ..
         } = state;
         let b = &mut scratch.batch;
-        debug_assert!(n <= b.rows);
-        let parallel = self.parallel();
-        let rows = if parallel { TASK_ROWS.min(n) } else { n }.max(1);
+        // Slots inside 0..M keep every layer's window rows apart (see the SAFETY note below).
+        assert!(slots.end <= c.mem_len);
+        assert!(n <= b.rows);
+        let (rows, lanes) = self.update_split(n, b.rows);
         let blocks = n.div_ceil(rows);
         let tasks = c.n_layers * blocks;
-        let lanes = if parallel {
-            self.threads.min(MAX_LANES).min(b.rows / rows).min(tasks)
-        } else {
-            1
-        };
+        debug_assert!(lanes <= tasks);
 
         // Each lane gets its own rows of every batch buffer, without allocating.
         let mut parts =
@@ -122,7 +119,8 @@ impl Transformer {
                 let m = &mem[(l * c.mem_len + first) * dim..(l * c.mem_len + end) * dim];
                 let at = l * c.cache_rows() * kv_dim;
                 // SAFETY: each task number is handed out once, and task (l, block) alone
-                // writes window rows first..end of layer l.
+                // writes window rows first..end of layer l. These rows lie inside the layer's
+                // rows, since end <= M <= cache_rows.
                 let (keys, values) = unsafe { window.rows(at + first * kv_dim..at + end * kv_dim) };
                 self.update_slots(l, first, m, lane, keys, values);
             }
@@ -135,6 +133,32 @@ impl Transformer {
         } else {
             run_lane(&mut scratch[0]);
         }
+    }
+
+    /// Returns the slots per task and the lanes of a memory update of `n` slots, with
+    /// `scratch_rows` rows of batch buffers. On the pool, tasks have [`TASK_ROWS`] slots, or
+    /// fewer so that every thread gets a lane, down to the kernel's four-input tiles. With a
+    /// single lane the update runs as one task per layer, whose products split across the
+    /// pool on their own.
+    fn update_split(&self, n: usize, scratch_rows: usize) -> (usize, usize) {
+        let whole = (n.max(1), 1);
+        if !self.parallel() {
+            return whole;
+        }
+        let rows = (scratch_rows / self.threads)
+            .clamp(MIN_TASK_ROWS, TASK_ROWS)
+            .min(n)
+            .max(1);
+        let tasks = self.config().n_layers * n.div_ceil(rows);
+        let lanes = self
+            .threads
+            .min(MAX_LANES)
+            .min(scratch_rows / rows)
+            .min(tasks);
+        if lanes < 2 {
+            return whole;
+        }
+        (rows, lanes)
     }
 
     /// Runs the memory update of slots `first..` of layer `l`, whose memory rows are `m`,
@@ -189,12 +213,14 @@ impl Transformer {
 }
 
 /// Slots per task of a memory update on the pool. With 16, each product fills the kernel's
-/// input tiles and reads each weight panel once for many rows, and the last task, which the
-/// other lanes may wait for, stays short (4 to 16 measured alike at 2 threads on toy20M,
-/// 32 and 64 slower).
+/// input tiles and reads each weight panel once for many rows. The last task, which the
+/// other lanes may wait for, stays short. At 2 threads on toy20M, 4 to 16 measured alike,
+/// and 32 and 64 slower. Tasks shrink to no fewer than `MIN_TASK_ROWS` slots so that every
+/// thread gets a lane.
 const TASK_ROWS: usize = 16;
-/// The most lanes (threads) a memory update runs on.
-const MAX_LANES: usize = 8;
+const MIN_TASK_ROWS: usize = 4;
+/// The maximum number of lanes (threads) of a memory update.
+const MAX_LANES: usize = 32;
 
 /// One lane's rows of the batch buffers.
 struct Lane<'s> {
@@ -216,8 +242,8 @@ struct WindowRows<'w> {
     _windows: PhantomData<&'w mut [f32]>,
 }
 
-// SAFETY: `rows` hands out disjoint ranges only (its contract), so tasks on different threads
-// never touch the same floats.
+// SAFETY: the callers of `rows` keep the ranges apart (its contract), so tasks on different
+// threads never touch the same floats.
 unsafe impl Send for WindowRows<'_> {}
 unsafe impl Sync for WindowRows<'_> {}
 
