@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +234,36 @@ def test_pool_decode_matches_one_thread(tmp_path):
     expected = decode(1)
     for threads in (2, 3):
         assert np.array_equal(decode(threads), expected), f"{threads} threads"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_decodes_without_the_pool(tmp_path):
+    # A child made by fork() has none of the parent's pool threads. It must still decode,
+    # with the same logits, and not wait for threads that do not exist.
+    path = write_random(tmp_path, "llama2rnn", SMALL)
+    tokens = token_stream(SMALL.mem_len + 3, SMALL.vocab_size, seed=6)
+    expected = run_tokens(Model.load(path, threads=1), tokens)
+    engine = llama2rnn._llama2rnn.Engine(path, threads=2, governed=False)
+    engine.forward(tokens[0])
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: decode the rest, send the logits, and leave without cleanup
+        try:
+            logits = np.stack([engine.forward(t) for t in tokens[1:]])
+            os.write(write_end, logits.astype(np.float32).tobytes())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish decoding within 60 s")
+        time.sleep(0.01)
+    with os.fdopen(read_end, "rb") as pipe:
+        got = np.frombuffer(pipe.read(), dtype=np.float32)
+    assert np.array_equal(got.reshape(expected[1:].shape), expected[1:])
 
 
 def test_reset_restores_initial_state(tmp_path):

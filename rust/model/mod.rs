@@ -88,6 +88,9 @@ pub struct Transformer {
     pub kernel: KernelPath,
     threads: usize,
     pool: Option<rayon::ThreadPool>,
+    /// The process that started the pool. A child made by fork() has none of its threads,
+    /// so there the model runs on the calling thread.
+    pool_pid: u32,
     /// Chooses the pool or the calling thread for decode tokens, and for chunk updates.
     governor: Governor,
     update_governor: Governor,
@@ -131,6 +134,7 @@ impl Transformer {
             kernel: options.kernel,
             threads,
             pool,
+            pool_pid: std::process::id(),
             governor: Governor::new(governor::DECODE, options.governed),
             update_governor: Governor::new(governor::UPDATE, options.governed),
             initial_window: OnceLock::new(),
@@ -179,11 +183,12 @@ impl Transformer {
         self.run_on(true, f)
     }
 
-    /// Runs `f` on the thread pool when there is one and `use_pool` is set, else on the
-    /// calling thread, where every loop runs serially (see [`Self::parallel`]).
+    /// Runs `f` on the thread pool when `use_pool` is set and the pool's threads run in this
+    /// process, else on the calling thread, where every loop runs serially (see
+    /// [`Self::parallel`]).
     fn run_on<R: Send>(&self, use_pool: bool, f: impl FnOnce() -> R + Send) -> R {
         match &self.pool {
-            Some(pool) if use_pool => pool.install(f),
+            Some(pool) if use_pool && std::process::id() == self.pool_pid => pool.install(f),
             _ => f(),
         }
     }
