@@ -2,6 +2,7 @@
 //! [`Engine`] in its `Model` class, which adds the tokenizer and text generation.
 
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use numpy::PyArray1;
 use pyo3::create_exception;
@@ -76,12 +77,17 @@ fn to_py(err: Error) -> PyErr {
 }
 
 /// A loaded checkpoint with its running state and sampler.
-#[pyclass(module = "llama2rnn._llama2rnn")]
+#[pyclass(module = "llama2rnn._llama2rnn", frozen)]
 pub struct Engine {
     model: Transformer,
+    path: PathBuf,
+    /// The running state: one call at a time (see [`Engine::session`]).
+    session: Mutex<Session>,
+}
+
+struct Session {
     state: State,
     sampler: Sampler,
-    path: PathBuf,
 }
 
 #[pymethods]
@@ -127,9 +133,8 @@ impl Engine {
             let sampler = Sampler::new(model.config().vocab_size, 0.0, 1.0, 0)?;
             Ok(Engine {
                 model,
-                state,
-                sampler,
                 path,
+                session: Mutex::new(Session { state, sampler }),
             })
         })
         .map_err(to_py)
@@ -194,81 +199,84 @@ impl Engine {
 
     /// Tokens consumed since load or the last reset.
     #[getter]
-    fn position(&self) -> u64 {
-        self.state.position
+    fn position(&self) -> PyResult<u64> {
+        Ok(self.session()?.state.position)
     }
 
     /// Feeds one token and returns a copy of the logits for the next one.
-    fn forward<'py>(&mut self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    fn forward<'py>(&self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let token = self.check_token(token)?;
-        let Engine { model, state, .. } = self;
+        let mut session = self.session()?;
+        let (model, state) = (&self.model, &mut session.state);
         py.detach(|| model.forward(state, token).map(|_| ()))
             .map_err(to_py)?;
-        Ok(PyArray1::from_slice(py, self.state.logits()))
+        Ok(PyArray1::from_slice(py, session.state.logits()))
     }
 
     /// Returns a copy of the logits of the last token fed.
-    fn logits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
-        PyArray1::from_slice(py, self.state.logits())
+    fn logits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        Ok(PyArray1::from_slice(py, self.session()?.state.logits()))
     }
 
     /// Feeds tokens without returning logits, in batches of up to a chunk; the last one's
     /// logits are kept for `sample`. A plain model rejects tokens past seq_len before
     /// feeding any.
-    fn feed(&mut self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
+    fn feed(&self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
         let tokens = tokens
             .into_iter()
             .map(|t| self.check_token(t))
             .collect::<PyResult<Vec<_>>>()?;
-        let Engine { model, state, .. } = self;
+        let mut session = self.session()?;
+        let (model, state) = (&self.model, &mut session.state);
         py.detach(|| model.feed(state, &tokens)).map_err(to_py)
     }
 
     /// Feeds all tokens but the last, one at a time, and returns the negative log-likelihood
     /// (nats) of each token after the first given what came before it.
-    fn score<'py>(
-        &mut self,
-        py: Python<'py>,
-        tokens: Vec<i64>,
-    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    fn score<'py>(&self, py: Python<'py>, tokens: Vec<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let tokens = tokens
             .into_iter()
             .map(|t| self.check_token(t))
             .collect::<PyResult<Vec<_>>>()?;
-        let Engine { model, state, .. } = self;
+        let mut session = self.session()?;
+        let (model, state) = (&self.model, &mut session.state);
         let losses = py.detach(|| model.score(state, &tokens)).map_err(to_py)?;
         Ok(PyArray1::from_vec(py, losses))
     }
 
     /// Samples the next token from the logits of the last token fed.
-    fn sample(&mut self) -> PyResult<u32> {
-        if self.state.position == 0 {
+    fn sample(&self) -> PyResult<u32> {
+        let mut session = self.session()?;
+        let Session { state, sampler } = &mut *session;
+        if state.position == 0 {
             return Err(PyValueError::new_err(
                 "no token has been fed yet: feed a prompt first",
             ));
         }
-        self.sampler.sample(self.state.logits()).map_err(to_py)
+        sampler.sample(state.logits()).map_err(to_py)
     }
 
     /// Sets the sampling settings; `seed` (when given) restarts the random generator.
     #[pyo3(signature = (temperature, top_p, seed=None))]
-    fn set_sampling(&mut self, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<()> {
-        self.sampler.configure(temperature, top_p).map_err(to_py)?;
+    fn set_sampling(&self, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<()> {
+        let sampler = &mut self.session()?.sampler;
+        sampler.configure(temperature, top_p).map_err(to_py)?;
         if let Some(seed) = seed {
-            self.sampler.reseed(seed);
+            sampler.reseed(seed);
         }
         Ok(())
     }
 
     /// The sampler's random generator state, to save with a session.
     #[getter]
-    fn rng_state(&self) -> u64 {
-        self.sampler.rng_state()
+    fn rng_state(&self) -> PyResult<u64> {
+        Ok(self.session()?.sampler.rng_state())
     }
 
     #[setter]
-    fn set_rng_state(&mut self, state: u64) {
-        self.sampler.set_rng_state(state);
+    fn set_rng_state(&self, state: u64) -> PyResult<()> {
+        self.session()?.sampler.set_rng_state(state);
+        Ok(())
     }
 
     /// Fingerprint of the checkpoint's weights, as stored in memory files.
@@ -280,31 +288,29 @@ impl Engine {
     /// Serializes the whole recurrent state and the sampler state as memory-file bytes.
     #[pyo3(signature = (last_token=None, saved_unix_ms=0))]
     fn save_state<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         last_token: Option<u32>,
         saved_unix_ms: u64,
-    ) -> Bound<'py, PyBytes> {
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let mut session = self.session()?;
         let info = SessionInfo {
-            rng_state: self.sampler.rng_state(),
+            rng_state: session.sampler.rng_state(),
             last_token,
             saved_unix_ms,
         };
-        let Engine { model, state, .. } = self;
+        let (model, state) = (&self.model, &mut session.state);
         let bytes = py.detach(|| memory_file::encode(model, state, &info));
-        PyBytes::new(py, &bytes)
+        Ok(PyBytes::new(py, &bytes))
     }
 
     /// Restores a state saved by `save_state` and returns its last token (or None). Raises
     /// MemoryFileError, leaving the current state as it was, for a corrupt file or one made
     /// by another model.
-    fn load_state(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<Option<u32>> {
-        let Engine {
-            model,
-            state,
-            sampler,
-            ..
-        } = self;
+    fn load_state(&self, py: Python<'_>, data: &[u8]) -> PyResult<Option<u32>> {
+        let mut session = self.session()?;
+        let Session { state, sampler } = &mut *session;
+        let model = &self.model;
         let info = py
             .detach(|| memory_file::decode(model, state, data))
             .map_err(to_py)?;
@@ -313,13 +319,31 @@ impl Engine {
     }
 
     /// Returns to position 0 with the model's initial memory.
-    fn reset(&mut self, py: Python<'_>) {
-        let Engine { model, state, .. } = self;
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        let mut session = self.session()?;
+        let (model, state) = (&self.model, &mut session.state);
         py.detach(|| model.reset(state));
+        Ok(())
     }
 }
 
 impl Engine {
+    /// Takes the running state for one call. A call from a second thread while another runs
+    /// (with the GIL released) raises at once: waiting here while holding the GIL would
+    /// deadlock with the running call, which needs the GIL back to return.
+    fn session(&self) -> PyResult<MutexGuard<'_, Session>> {
+        match self.session.try_lock() {
+            Ok(session) => Ok(session),
+            // A panic in an earlier call reached Python as an exception. The state stays as
+            // that call left it, as after any failed call.
+            Err(TryLockError::Poisoned(poisoned)) => Ok(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(PyRuntimeError::new_err(
+                "this model is running a call on another thread, and it takes one call at a \
+                 time: use one Model per thread, or hold a lock around its calls",
+            )),
+        }
+    }
+
     fn check_token(&self, token: i64) -> PyResult<u32> {
         let vocab_size = self.model.config().vocab_size;
         if token < 0 || token as u64 >= vocab_size as u64 {

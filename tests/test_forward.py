@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -264,6 +265,36 @@ def test_forked_child_decodes_without_the_pool(tmp_path):
     with os.fdopen(read_end, "rb") as pipe:
         got = np.frombuffer(pipe.read(), dtype=np.float32)
     assert np.array_equal(got.reshape(expected[1:].shape), expected[1:])
+
+
+def test_second_thread_gets_a_clear_error(tmp_path):
+    # One engine runs one call at a time: a call from another thread while a long feed runs
+    # raises at once, and the feed finishes undisturbed.
+    path = write_random(tmp_path, "llama2rnn", SMALL)
+    engine = llama2rnn._llama2rnn.Engine(path, threads=1)
+    tokens = token_stream(200_000, SMALL.vocab_size, seed=8)
+    started = threading.Event()
+
+    def feed() -> None:
+        started.set()
+        engine.feed(tokens)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    started.wait()
+    error, fed_here = None, 0
+    while feeder.is_alive() and error is None:
+        try:
+            engine.forward(1)
+            fed_here += 1
+        except RuntimeError as raised:
+            error = str(raised)
+    feeder.join()
+    assert error is not None, "the feed ended before a second call overlapped it"
+    assert "another thread" in error
+    assert engine.position == len(tokens) + fed_here
+    engine.forward(1)
+    assert engine.position == len(tokens) + fed_here + 1
 
 
 def test_reset_restores_initial_state(tmp_path):

@@ -69,6 +69,9 @@ class Model:
     Generation continues from the current state, so a memory model remembers earlier calls;
     `reset()` starts over. `open_memory`, `load_memory` and `save_memory` keep that state in
     memory files across processes.
+
+    A model runs one call at a time. A call from another thread while one runs raises
+    RuntimeError. Use one Model per thread, or a lock around the calls.
     """
 
     # Last token fed through this object (None after a reset or before any), stored in
