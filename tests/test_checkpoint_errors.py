@@ -711,3 +711,17 @@ def test_matching_tokenizer_loads(tmp_path):
     write_tokenizer_bin(folder / "tokenizer.bin", MEMORY.vocab_size)
     model = Model.load(path, threads=1)
     assert model.tokenizer.vocab_size == MEMORY.vocab_size
+
+
+def test_rewriting_a_loaded_checkpoint_keeps_it_running(tmp_path):
+    # The writers replace the file by a rename, so a model that has the old file mapped
+    # keeps its bytes. Writing in place would change or truncate them under it (SIGBUS).
+    path = write_valid(tmp_path, "llama2rnn")
+    model = Model.load(path, threads=1)
+    before = model.forward(1)
+    config = config_for("llama2rnn")
+    checkpoint.write_llama2rnn(path, config, checkpoint.random_weights(config, seed=1))
+    model.reset()
+    assert np.array_equal(model.forward(1), before)
+    assert not np.array_equal(Model.load(path, threads=1).forward(1), before)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

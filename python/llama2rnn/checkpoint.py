@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -477,32 +478,42 @@ def _write_checkpoint(
 ) -> Dict[str, float]:
     """Write ``header`` and the weights in the layout of ``format_name``.
 
+    The file is written under a temporary name and renamed over ``path``, so a process
+    that has the old file mapped (a running chat) keeps reading the old bytes instead of
+    faulting on a truncated file.
+
     Returns the max absolute quantization error of each Q8_0 weight name, taken over
     all of its layers.
     """
     shared_classifier = "wcls" not in weights
     errors: Dict[str, float] = {}
-    with open(path, "wb") as file:
-        file.write(header)
-        for name, is_q8 in _layout_names(format_name, config, shared_classifier):
-            for tensor in _stored_tensors(config, weights, name):
-                if not is_q8:
-                    file.write(tensor.astype("<f4").tobytes())
-                    continue
-                assert group_size is not None
-                q, scales = quantize_q8_0(tensor, group_size)
-                file.write(q.tobytes())
-                file.write(scales.astype("<f4").tobytes())
-                restored = dequantize_q8_0(q, scales, group_size)
-                error = float(np.max(np.abs(restored - tensor.reshape(-1))))
-                errors[name] = max(errors.get(name, 0.0), error)
-    expected_size = checkpoint_size(format_name, config, shared_classifier, group_size)
-    actual_size = os.path.getsize(path)
-    if actual_size != expected_size:
-        raise RuntimeError(
-            f"wrote {actual_size} bytes to {os.fspath(path)!r} but the {format_name} "
-            f"layout needs {expected_size}; this is a bug in the writer"
-        )
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(header)
+            for name, is_q8 in _layout_names(format_name, config, shared_classifier):
+                for tensor in _stored_tensors(config, weights, name):
+                    if not is_q8:
+                        file.write(tensor.astype("<f4").tobytes())
+                        continue
+                    assert group_size is not None
+                    q, scales = quantize_q8_0(tensor, group_size)
+                    file.write(q.tobytes())
+                    file.write(scales.astype("<f4").tobytes())
+                    restored = dequantize_q8_0(q, scales, group_size)
+                    error = float(np.max(np.abs(restored - tensor.reshape(-1))))
+                    errors[name] = max(errors.get(name, 0.0), error)
+        expected_size = checkpoint_size(format_name, config, shared_classifier, group_size)
+        actual_size = os.path.getsize(tmp)
+        if actual_size != expected_size:
+            raise RuntimeError(
+                f"wrote {actual_size} bytes for {os.fspath(path)!r} but the {format_name} "
+                f"layout needs {expected_size}; this is a bug in the writer"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return errors
 
 
