@@ -970,7 +970,7 @@ def roof_rows(roof: Dict, compare: Dict, files: ModelFiles, settings: Settings) 
 def forward_rate_needed(
     bytes_per_token: Dict[str, float], roof_rate: float, update_ms: Optional[float], m: int
 ) -> Optional[float]:
-    """Read rate in GB/s that the forward steps need for decode at 90% of the roof.
+    """Return the read rate in GB/s that the forward steps need for decode at 90% of the roof.
 
     The memory update's arithmetic takes `update_ms / M` of every token's time. The forward
     step gets the rest of the time that 90% of the roof allows, and must read the weights

@@ -97,7 +97,9 @@ impl Engine {
     /// `governed=False` runs every decode token and memory update on the thread pool instead
     /// of letting the engine choose, for tests and measurements of the parallel paths.
     #[new]
-    #[pyo3(signature = (path, *, threads=1, mode="chunk", kernel="auto", expected_format=None, governed=true))]
+    #[pyo3(signature = (
+        path, *, threads=1, mode="chunk", kernel="auto", expected_format=None, governed=true
+    ))]
     fn new(
         py: Python<'_>,
         path: PathBuf,

@@ -713,7 +713,7 @@ def test_matching_tokenizer_loads(tmp_path):
     assert model.tokenizer.vocab_size == MEMORY.vocab_size
 
 
-def test_rewriting_a_loaded_checkpoint_keeps_it_running(tmp_path):
+def test_rewrite_keeps_loaded_model_running(tmp_path):
     # The writers replace the file by a rename, so a model that has the old file mapped
     # keeps its bytes. Writing in place would change or truncate them under it (SIGBUS).
     path = write_valid(tmp_path, "llama2rnn")

@@ -238,7 +238,7 @@ def test_pool_decode_matches_one_thread(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_decodes_without_the_pool(tmp_path):
+def test_forked_child_decodes_without_pool(tmp_path):
     # A child made by fork() has none of the parent's pool threads. It must still decode,
     # with the same logits, and not wait for threads that do not exist.
     path = write_random(tmp_path, "llama2rnn", SMALL)

@@ -19,7 +19,7 @@ use super::attention_x86 as x86;
 /// its queries while the row is in the first-level cache.
 pub(super) const TILE: usize = 4;
 
-/// Attention heads `heads` of one query `q` (dim) over window rows `0..=row`, written to
+/// Computes attention heads `heads` of one query `q` (dim) over window rows `0..=row`, written to
 /// `out` (`heads.len() * head_size`, the heads' part of the output). `scores` must have at
 /// least `heads.len() * (row + 1)` values of scratch. Heads are independent, so any split of
 /// them gives the bits of all heads at once.
@@ -44,8 +44,8 @@ pub(super) fn attention(
     attention_body(q, keys, values, row, c, heads, out, scores)
 }
 
-/// [`attention`] of all heads split into `parts` runs of consecutive heads that run in
-/// parallel, each writing its heads' part of `out` and of `scores`.
+/// Runs [`attention`] for all heads in `parts` runs of consecutive heads, in parallel. Each
+/// run writes its heads' part of `out` and of `scores`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_parts(
     q: &[f32],

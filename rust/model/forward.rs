@@ -132,8 +132,9 @@ impl Transformer {
     }
 }
 
-/// Key floats a token's attention reads before its heads split across the pool: a fork costs
-/// about as much as reading fewer.
+/// Key floats a token's attention reads before its heads split across the pool. Below it, a
+/// fork is estimated to cost about what it saves: toy20M's largest window (74K floats) takes
+/// about 12 us per layer on one thread.
 const PARALLEL_ATTENTION_MIN: usize = 96 * 1024;
 
 impl Transformer {

@@ -258,7 +258,7 @@ impl<'w> WindowRows<'w> {
         }
     }
 
-    /// Floats `range` of the key and of the value window.
+    /// Returns floats `range` of the key window and of the value window.
     ///
     /// # Safety
     /// No two slices handed out and still in use may overlap.

@@ -63,8 +63,8 @@ pub struct Options {
     pub kernel: KernelPath,
     /// Reject a checkpoint of any other format.
     pub expected_format: Option<Format>,
-    /// Let the governors choose between the pool and the calling thread call by call
-    /// (default). Off, every decode token and memory update runs on the pool, so that tests
+    /// Whether the governors choose between the pool and the calling thread call by call
+    /// (the default). Off, every decode token and memory update runs on the pool, so that tests
     /// and measurements can pin the parallel paths.
     pub governed: bool,
 }
