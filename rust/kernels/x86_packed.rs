@@ -45,74 +45,97 @@ unsafe fn panel<const B: usize, const GS: usize>(
     valid: usize,
 ) {
     let gs = if GS == 0 { gs } else { GS };
-    let block_bytes = PANEL * 4;
-    let group_bytes = gs / 4 * block_bytes;
-    // Finished lanes, combined as soon as their partner in the tree of `generic::sum_lanes`
-    // is done: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
-    let mut pending = [[_mm512_setzero_ps(); 3]; B];
     let mask: __mmask16 = if valid >= PANEL { !0 } else { (1 << valid) - 1 };
-    let (mut wp, mut sp) = (w, ws);
-    // SAFETY (whole body): the pointers advance through exactly one panel's blocks and scales
-    // and through the groups of each input, all inside what the caller guarantees.
+    let mut at = Cursor { w, ws };
+    // SAFETY (whole body): the cursor advances through exactly one panel's blocks and scales,
+    // lane after lane in storage order, and through the groups of each input, all inside what
+    // the caller guarantees.
     unsafe {
-        for (step, lane) in LANE_ORDER.into_iter().enumerate() {
-            // A lane with no groups stays +0.0, as it does in `generic`.
-            let mut acc = [_mm512_setzero_ps(); B];
-            for g in (lane..groups).step_by(LANES) {
-                // Two chains of dpbusd per input (even and odd blocks), so that each waits on
-                // the latency of half as many. Integer sums are exact in any order.
-                let mut even: [__m512i; B] =
-                    std::array::from_fn(|b| _mm512_set1_epi32(-(*tile.sums[b].add(g) << 7)));
-                let mut odd = [_mm512_setzero_si512(); B];
-                let x: [*const i8; B] = std::array::from_fn(|b| tile.q[b].add(g * gs));
-                let blocks = gs / 4;
-                for k in (0..blocks - blocks % 2).step_by(2) {
-                    let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
-                    let wv2 = _mm512_loadu_si512(wp.add((k + 1) * block_bytes) as *const __m512i);
-                    for b in 0..B {
-                        let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
-                        let xv2 = (x[b].add(4 * k + 4) as *const i32).read_unaligned();
-                        even[b] = _mm512_dpbusd_epi32(even[b], wv, _mm512_set1_epi32(xv));
-                        odd[b] = _mm512_dpbusd_epi32(odd[b], wv2, _mm512_set1_epi32(xv2));
-                    }
-                }
-                if blocks % 2 == 1 {
-                    let k = blocks - 1;
-                    let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
-                    for b in 0..B {
-                        let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
-                        even[b] = _mm512_dpbusd_epi32(even[b], wv, _mm512_set1_epi32(xv));
-                    }
-                }
-                let sums: [__m512i; B] = std::array::from_fn(|b| _mm512_add_epi32(even[b], odd[b]));
-                let w_scale = _mm512_loadu_ps(sp);
-                for b in 0..B {
-                    let x_scale = _mm512_set1_ps(*tile.scales[b].add(g));
-                    let scaled =
-                        _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums[b]), w_scale), x_scale);
-                    acc[b] = _mm512_add_ps(acc[b], scaled);
-                }
-                wp = wp.add(group_bytes);
-                sp = sp.add(PANEL);
-            }
-            for b in 0..B {
-                let (h, a) = (&mut pending[b], acc[b]);
-                match step {
-                    0 => h[0] = a,                                           // l0
-                    1 => h[0] = _mm512_add_ps(h[0], a),                      // l0 + l4
-                    2 => h[1] = a,                                           // l2
-                    3 => h[0] = _mm512_add_ps(h[0], _mm512_add_ps(h[1], a)), // + (l2 + l6)
-                    4 => h[1] = a,                                           // l1
-                    5 => h[1] = _mm512_add_ps(h[1], a),                      // l1 + l5
-                    6 => h[2] = a,                                           // l3
-                    _ => {
-                        let right = _mm512_add_ps(h[1], _mm512_add_ps(h[2], a)); // + (l3 + l7)
-                        _mm512_mask_storeu_ps(tile.out[b], mask, _mm512_add_ps(h[0], right));
-                    }
-                }
-            }
+        let mut lane = |l: usize| lane_sums::<B, GS>(&mut at, l, groups, gs, &tile);
+        // The tree of `generic::sum_lanes`, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)),
+        // written out so that each lane is added as soon as its partner is done.
+        debug_assert_eq!(LANE_ORDER, [0, 4, 2, 6, 1, 5, 3, 7]);
+        let l04 = add(lane(0), lane(4));
+        let left = add(l04, add(lane(2), lane(6)));
+        let l15 = add(lane(1), lane(5));
+        let right = add(l15, add(lane(3), lane(7)));
+        for (b, total) in add(left, right).into_iter().enumerate() {
+            _mm512_mask_storeu_ps(tile.out[b], mask, total);
         }
     }
+}
+
+/// Where the next group's blocks and scales of a panel start.
+struct Cursor {
+    w: *const u8,
+    ws: *const f32,
+}
+
+/// Adds two lanes' (or partial sums') accumulators input by input.
+#[inline(always)]
+fn add<const B: usize>(a: [__m512; B], b: [__m512; B]) -> [__m512; B] {
+    // SAFETY: the kernels that call this run only where AVX-512 F is supported.
+    std::array::from_fn(|i| unsafe { _mm512_add_ps(a[i], b[i]) })
+}
+
+/// Returns, per input, the accumulator of lane `lane` of the portable kernel for 16 rows:
+/// `(sum * w_scale) * x_scale` added over groups `lane, lane + 8, ...` in order, starting
+/// from +0.0 (which a lane with no groups keeps, as it does in `generic`).
+///
+/// # Safety
+/// As for [`panel`], with `at` at this lane's first group.
+#[inline(always)]
+unsafe fn lane_sums<const B: usize, const GS: usize>(
+    at: &mut Cursor,
+    lane: usize,
+    groups: usize,
+    gs: usize,
+    tile: &Tile<B>,
+) -> [__m512; B] {
+    let block_bytes = PANEL * 4;
+    let group_bytes = gs / 4 * block_bytes;
+    let mut acc = [_mm512_setzero_ps(); B];
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for g in (lane..groups).step_by(LANES) {
+            let wp = at.w;
+            // Two chains of dpbusd per input (even and odd blocks), so that each waits on the
+            // latency of half as many. Integer sums are exact in any order.
+            let mut even: [__m512i; B] =
+                std::array::from_fn(|b| _mm512_set1_epi32(-(*tile.sums[b].add(g) << 7)));
+            let mut odd = [_mm512_setzero_si512(); B];
+            let x: [*const i8; B] = std::array::from_fn(|b| tile.q[b].add(g * gs));
+            let blocks = gs / 4;
+            for k in (0..blocks - blocks % 2).step_by(2) {
+                let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
+                let wv2 = _mm512_loadu_si512(wp.add((k + 1) * block_bytes) as *const __m512i);
+                for b in 0..B {
+                    let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
+                    let xv2 = (x[b].add(4 * k + 4) as *const i32).read_unaligned();
+                    even[b] = _mm512_dpbusd_epi32(even[b], wv, _mm512_set1_epi32(xv));
+                    odd[b] = _mm512_dpbusd_epi32(odd[b], wv2, _mm512_set1_epi32(xv2));
+                }
+            }
+            if blocks % 2 == 1 {
+                let k = blocks - 1;
+                let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
+                for b in 0..B {
+                    let xv = (x[b].add(4 * k) as *const i32).read_unaligned();
+                    even[b] = _mm512_dpbusd_epi32(even[b], wv, _mm512_set1_epi32(xv));
+                }
+            }
+            let w_scale = _mm512_loadu_ps(at.ws);
+            for b in 0..B {
+                let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[b], odd[b]));
+                let x_scale = _mm512_set1_ps(*tile.scales[b].add(g));
+                let scaled = _mm512_mul_ps(_mm512_mul_ps(sum, w_scale), x_scale);
+                acc[b] = _mm512_add_ps(acc[b], scaled);
+            }
+            at.w = wp.add(group_bytes);
+            at.ws = at.ws.add(PANEL);
+        }
+    }
+    acc
 }
 
 /// Multiplies the panels `panels` of `w` by every input of `xs`, `INPUTS` at a time. The panel
