@@ -113,9 +113,41 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
+/// Activation quantization of 128 rows, the rows of one product of a memory update or a
+/// prefill chunk, at the widths of both models (dim and hidden_dim).
+fn quantize(c: &mut Criterion) {
+    let (gs, n) = (32, 128);
+    for (model, name, width) in [
+        ("toy20M", "dim", 288),
+        ("toy20M", "hidden", 768),
+        ("110M", "dim", 768),
+        ("110M", "hidden", 2048),
+    ] {
+        let x: Vec<f32> = pseudo_random_bytes(n * width, 3)
+            .iter()
+            .map(|&v| v as f32 / 37.0)
+            .collect();
+        let mut xqs: Vec<QuantizedVec> = (0..n)
+            .map(|_| QuantizedVec::with_capacity(width, gs))
+            .collect();
+        let mut group = c.benchmark_group(format!("quantize/{model}/{name}_{width}x{n}"));
+        group.throughput(Throughput::Elements((n * width) as u64));
+        for path in KernelPath::supported() {
+            group.bench_function(path.name(), |b| {
+                b.iter(|| {
+                    for (xq, row) in xqs.iter_mut().zip(x.chunks_exact(width)) {
+                        path.quantize(xq, black_box(row));
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = matvec, matmul
+    targets = matvec, matmul, quantize
 }
 criterion_main!(benches);

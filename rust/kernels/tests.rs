@@ -246,6 +246,38 @@ fn every_path_quantizes_like_the_scalar_code() {
     }
 }
 
+/// Rows of more than 16 groups, which the AVX-512 quantizer takes sixteen at a time: full
+/// and partial batches, all-zero groups between others, a tie, and a NaN in a later batch.
+#[test]
+fn every_path_quantizes_long_rows_like_the_scalar_code() {
+    let mut rng = Lcg(22);
+    for (len, gs) in [(592, 16), (1024, 32), (2048, 32), (768, 64), (288, 32)] {
+        let mut x: Vec<f32> = (0..len).map(|i| rng.unit() * (1 + i % 7) as f32).collect();
+        let mut cases = vec![x.clone()];
+        for g in (3..len / gs).step_by(5) {
+            x[g * gs..(g + 1) * gs].fill(0.0);
+        }
+        x[len - 1] = 127.0;
+        x[len - 2] = 15.5;
+        cases.push(x.clone());
+        x[len - gs / 2] = f32::NAN;
+        cases.push(x);
+        for x in &cases {
+            let mut expected = QuantizedVec::with_capacity(len, gs);
+            expected.quantize_from(x);
+            for path in KernelPath::supported() {
+                let mut got = QuantizedVec::with_capacity(len, gs);
+                path.quantize(&mut got, x);
+                let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+                let name = path.name();
+                assert_eq!(bits(&got.scales), bits(&expected.scales), "{name} {len}/{gs}");
+                assert_eq!(got.q, expected.q, "{name} values, {len}/{gs}");
+                assert_eq!(got.sums, expected.sums, "{name} sums, {len}/{gs}");
+            }
+        }
+    }
+}
+
 #[test]
 fn packed_matmul_matches_generic_matvec_bit_for_bit() {
     let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
