@@ -164,6 +164,13 @@ def run_chat(model_path: Path, *args: str, stdin: bytes = b"") -> subprocess.Com
     return run_cli("chat", "--model", model_path, "--threads", "1", *args, stdin=stdin)
 
 
+def default_sigint() -> None:
+    """Give a child the default SIGINT action. A test run started in the background from a
+    shell inherits SIGINT ignored, and Python then installs no handler, so Ctrl-C would do
+    nothing in the chat under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(model_path: Path, *args: str):
     """Start `llama2rnn chat` in a pseudo-terminal."""
     env = dict(os.environ, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
@@ -176,6 +183,7 @@ def spawn_chat(model_path: Path, *args: str):
         codec_errors="replace",
         timeout=TIMEOUT,
         dimensions=(40, 200),
+        preexec_fn=default_sigint,
     )
 
 
@@ -417,9 +425,10 @@ def test_terminal_session_commands(random_model, tmp_path, data_home):
     assert stat.S_IMODE(history.stat().st_mode) == 0o600
 
 
-def test_terminal_ctrl_c_and_restart(random_model):
-    tok = llama2rnn.load_tokenizer(random_model.parent / "tokenizer.bin")
-    child = spawn_chat(random_model, "--system", SYSTEM, "--max-tokens", "1000000")
+def test_terminal_ctrl_c_and_restart(hello_model):
+    # A model that never samples EOS: a random one could end its answer before Ctrl-C lands.
+    tok = llama2rnn.load_tokenizer(hello_model.parent / "tokenizer.bin")
+    child = spawn_chat(hello_model, "--system", SYSTEM, "--max-tokens", "1000000")
     child.expect(PROMPT)
     child.sendline("tell me a very long story")
     child.expect("Assistant: ")
@@ -429,16 +438,16 @@ def test_terminal_ctrl_c_and_restart(random_model):
     child.expect(PROMPT)
     stopped = memory_tokens(child)
     assert stopped > turn_length(tok, "tell me a very long story", SYSTEM) + 1
-    assert saved_state(random_model) == (stopped, tok.eos_id)
+    assert saved_state(hello_model) == (stopped, tok.eos_id)
     send_command(child, "/save", rf"saved: {stopped:,} tokens consumed")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    assert saved_state(random_model) == (stopped, tok.eos_id)
+    assert saved_state(hello_model) == (stopped, tok.eos_id)
 
     # The next session continues the memory, and the system prompt is not sent again.
-    child = spawn_chat(random_model, "--system", SYSTEM, "--max-tokens", "1")
+    child = spawn_chat(hello_model, "--system", SYSTEM, "--max-tokens", "1")
     child.expect(rf"llama2rnn chat: {stopped:,} tokens consumed")
     child.expect(PROMPT)
     child.sendline("are you still there?")
@@ -449,7 +458,7 @@ def test_terminal_ctrl_c_and_restart(random_model):
     # One sampled token, then EOS unless the token was EOS.
     assert turn + 1 <= grown <= turn + 2
     assert end_session(child) == 0
-    assert saved_state(random_model) == (stopped + grown, tok.eos_id)
+    assert saved_state(hello_model) == (stopped + grown, tok.eos_id)
 
 
 def test_terminal_eof_at_first_prompt(random_model):
@@ -606,8 +615,8 @@ def test_piped_max_tokens_closes_turn(hello_model):
     assert saved_state(hello_model) == (turn_length(tok, "hi") + 8, tok.eos_id)
 
 
-def test_piped_interrupt_closes_turn(random_model):
-    tok = llama2rnn.load_tokenizer(random_model.parent / "tokenizer.bin")
+def test_piped_interrupt_closes_turn(hello_model):
+    tok = llama2rnn.load_tokenizer(hello_model.parent / "tokenizer.bin")
     chat = subprocess.Popen(
         [
             sys.executable,
@@ -615,7 +624,7 @@ def test_piped_interrupt_closes_turn(random_model):
             "llama2rnn",
             "chat",
             "--model",
-            str(random_model),
+            str(hello_model),
             "--threads",
             "1",
             "--max-tokens",
@@ -624,6 +633,7 @@ def test_piped_interrupt_closes_turn(random_model):
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
     )
     try:
         chat.stdin.write(b"tell me a very long story\n")
@@ -636,7 +646,7 @@ def test_piped_interrupt_closes_turn(random_model):
             chat.kill()
             chat.wait()
     assert chat.returncode == 130
-    position, last_token = saved_state(random_model)
+    position, last_token = saved_state(hello_model)
     assert position > turn_length(tok, "tell me a very long story") + 1
     assert last_token == tok.eos_id
 
