@@ -65,7 +65,7 @@ unsafe fn panel<const B: usize, const GS: usize>(
     }
 }
 
-/// Where the next group's blocks and scales of a panel start.
+/// The position of the next group's blocks and scales in a panel.
 struct Cursor {
     w: *const u8,
     ws: *const f32,

@@ -218,7 +218,7 @@ mod tests {
         check_rounding(0.25f32.to_bits()..1.0f32.to_bits());
     }
 
-    /// Every float up to 128 (about 2.2 billion values with both signs): run with
+    /// Checks every float up to 128 (about 2.2 billion values with both signs): run with
     /// `cargo test --release -- --ignored` after a change to the rounding.
     #[test]
     #[ignore]
