@@ -15,20 +15,98 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32]) {
 /// waiting for the last. Each row's sum still takes its squares in order, so the results are
 /// the same.
 pub fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32]) {
-    const ROWS: usize = 8;
     let dim = w.len();
-    for (out, x) in out.chunks_mut(ROWS * dim).zip(x.chunks(ROWS * dim)) {
+    for (out, x) in out.chunks_mut(NORM_ROWS * dim).zip(x.chunks(NORM_ROWS * dim)) {
         let rows = x.len() / dim;
-        let mut sums = [0.0f32; ROWS];
-        for i in 0..dim {
-            for (r, sum) in sums[..rows].iter_mut().enumerate() {
-                let v = x[r * dim + i];
-                *sum += v * v;
-            }
-        }
+        let mut sums = [0.0f32; NORM_ROWS];
+        sum_squares(&mut sums[..rows], x, dim);
         for (r, sum) in sums[..rows].iter().enumerate() {
             let span = r * dim..(r + 1) * dim;
             scale_row(&mut out[span.clone()], &x[span], w, sum / dim as f32);
+        }
+    }
+}
+
+/// Rows whose squares [`rmsnorm_rows`] sums side by side.
+const NORM_ROWS: usize = 8;
+
+/// Adds the squares of each of the `sums.len()` rows of `x` (width `dim`) to its sum, in
+/// order.
+fn sum_squares(sums: &mut [f32], x: &[f32], dim: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if sums.len() == NORM_ROWS && std::arch::is_x86_feature_detected!("avx") {
+        let sums: &mut [f32; NORM_ROWS] = sums.try_into().unwrap();
+        // SAFETY: the CPU supports AVX (checked above), and `x` has eight rows.
+        return unsafe { sum_squares8_avx(sums, x, dim) };
+    }
+    for i in 0..dim {
+        for (r, sum) in sums.iter_mut().enumerate() {
+            let v = x[r * dim + i];
+            *sum += v * v;
+        }
+    }
+}
+
+/// [`sum_squares`] for eight rows with the rows in the lanes of one register: each block of
+/// eight columns is loaded row by row and transposed, so that one vector step adds the same
+/// column's square to all eight sums. The squares of a row still go in one by one, in
+/// order. The scalar loop, with the rows side by side, took about 2.3 cycles per value.
+///
+/// # Safety
+/// The CPU must support AVX, and `x` must hold `8 * dim` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn sum_squares8_avx(sums: &mut [f32; NORM_ROWS], x: &[f32], dim: usize) {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= NORM_ROWS * dim);
+    let full = dim - dim % 8;
+    // SAFETY: the sums array has eight floats.
+    let mut acc = unsafe { _mm256_loadu_ps(sums.as_ptr()) };
+    for c in (0..full).step_by(8) {
+        // SAFETY: row r's columns c..c + 8 lie inside x (c + 8 <= dim, checked above).
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(i * dim + c)) });
+        // An 8x8 transpose: column j of the block ends up in `col[j]`, row i in lane i.
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        let col = [
+            _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+        ];
+        for v in col {
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+    }
+    // SAFETY: as above.
+    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
+    for i in full..dim {
+        for (r, sum) in sums.iter_mut().enumerate() {
+            let v = x[r * dim + i];
+            *sum += v * v;
         }
     }
 }
@@ -309,19 +387,24 @@ mod tests {
         }
     }
 
+    /// Blocks of eight rows (the transposed path) and a partial block, at widths with and
+    /// without a tail of fewer than eight columns.
     #[test]
     fn rmsnorm_rows_match_one_row_at_a_time() {
-        let dim = 37;
-        let x: Vec<f32> = (0..11 * dim)
-            .map(|i| (i as f32 * 0.913).sin() * 7.0)
-            .collect();
-        let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 / dim as f32).collect();
-        let mut got = vec![0.0; x.len()];
-        rmsnorm_rows(&mut got, &x, &w);
-        for (r, row) in x.chunks(dim).enumerate() {
-            let mut want = vec![0.0; dim];
-            rmsnorm(&mut want, row, &w);
-            assert_eq!(&got[r * dim..(r + 1) * dim], &want[..], "row {r}");
+        for (dim, rows) in [(37, 11), (288, 64), (8, 8), (7, 9), (768, 3)] {
+            // Magnitudes from 1e-3 to 1e3, so that adding the squares in another order
+            // changes the rounding of some sums.
+            let x: Vec<f32> = (0..rows * dim)
+                .map(|i| (i as f32 * 0.913).sin() * 10f32.powi((i * 5 % 7) as i32 - 3))
+                .collect();
+            let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 / dim as f32).collect();
+            let mut got = vec![0.0; x.len()];
+            rmsnorm_rows(&mut got, &x, &w);
+            for (r, row) in x.chunks(dim).enumerate() {
+                let mut want = vec![0.0; dim];
+                rmsnorm(&mut want, row, &w);
+                assert_eq!(&got[r * dim..(r + 1) * dim], &want[..], "dim {dim}, row {r}");
+            }
         }
     }
 }
