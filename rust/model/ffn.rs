@@ -35,8 +35,11 @@ impl Transformer {
             ffn.norm,
             &mut t.aq[..n],
         );
-        self.matmul(t.h1, ffn.w1, t.normed, t.aq, n);
-        self.matmul(t.h3, ffn.w3, t.normed, t.aq, n);
+        let (normed, aq) = (&*t.normed, &*t.aq);
+        self.both(
+            || self.matmul(t.h1, ffn.w1, normed, aq, n),
+            || self.matmul(t.h3, ffn.w3, normed, aq, n),
+        );
         self.gate_rows(
             &mut t.h1[..n * hidden],
             &t.h3[..n * hidden],

@@ -105,9 +105,19 @@ impl Transformer {
                 layer.rms_att,
                 &mut b.aq[..n],
             );
-            self.matmul(&mut b.q, &layer.wq, &b.a, &b.aq, n);
-            self.matmul(&mut key_cache[window.clone()], &layer.wk, &b.a, &b.aq, n);
-            self.matmul(&mut value_cache[window.clone()], &layer.wv, &b.a, &b.aq, n);
+            let (k_rows, v_rows) = (
+                &mut key_cache[window.clone()],
+                &mut value_cache[window.clone()],
+            );
+            self.both(
+                || self.matmul(&mut b.q, &layer.wq, &b.a, &b.aq, n),
+                || {
+                    self.both(
+                        || self.matmul(k_rows, &layer.wk, &b.a, &b.aq, n),
+                        || self.matmul(v_rows, &layer.wv, &b.a, &b.aq, n),
+                    )
+                },
+            );
 
             // RoPE, each token at its own window row.
             for i in 0..n {
