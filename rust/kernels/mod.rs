@@ -21,6 +21,8 @@ mod x86;
 mod x86_packed;
 #[cfg(target_arch = "x86_64")]
 mod x86_quantize;
+#[cfg(target_arch = "x86_64")]
+mod x86_quantize_avx2;
 
 use std::ops::Range;
 
@@ -260,6 +262,16 @@ impl KernelPath {
             // SAFETY: this path was checked against the CPU (AVX-512 F and BW included) when
             // it was constructed; the group size was checked above.
             unsafe { x86_quantize::quantize(xq, x) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self == KernelPath::Avx2
+            && xq.group_size.is_multiple_of(8)
+            && x.len().is_multiple_of(xq.group_size)
+        {
+            // SAFETY: this path was checked against the CPU (AVX2) when it was constructed;
+            // the group size was checked above.
+            unsafe { x86_quantize_avx2::quantize(xq, x) };
             return;
         }
         xq.quantize_from(x)

@@ -246,12 +246,13 @@ fn every_path_quantizes_like_the_scalar_code() {
     }
 }
 
-/// Rows of more than 16 groups, which the AVX-512 quantizer takes sixteen at a time: full
-/// and partial batches, all-zero groups between others, a tie, and a NaN in a later batch.
+/// Rows of more than 16 groups, which the AVX-512 quantizer takes sixteen at a time (and the
+/// AVX2 one eight): full and partial batches, all-zero groups between others, a tie, and a
+/// NaN in a later batch.
 #[test]
 fn quantize_long_rows_matches_scalar() {
     let mut rng = Lcg(22);
-    for (len, gs) in [(592, 16), (1024, 32), (2048, 32), (768, 64), (288, 32)] {
+    for (len, gs) in [(592, 16), (1024, 32), (2048, 32), (768, 64), (288, 32), (600, 24), (136, 8)] {
         let mut x: Vec<f32> = (0..len).map(|i| rng.unit() * (1 + i % 7) as f32).collect();
         let mut cases = vec![x.clone()];
         for g in (3..len / gs).step_by(5) {

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use super::{QuantizedVec, Q_MAX};
 
 /// The float just below 0.5, 0.5 - 2^-25.
-const JUST_UNDER_HALF: f32 = 0.499_999_97;
+pub(super) const JUST_UNDER_HALF: f32 = 0.499_999_97;
 
 /// Groups per reduction: the lanes of one 512-bit vector.
 const BATCH: usize = 16;
@@ -35,15 +35,35 @@ const BATCH: usize = 16;
 /// divides `x.len()`.
 #[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn quantize(xq: &mut QuantizedVec, x: &[f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { quantize_batches(xq, x, BATCH, batch) }
+}
+
+/// A quantizer of a few whole groups at a time: `(x, group_size, q, scales, sums)`, one
+/// scale and one sum per group, returning false when a value is not finite.
+pub(super) type Batch = unsafe fn(&[f32], usize, &mut [i8], &mut [f32], &mut [i32]) -> bool;
+
+/// Quantizes `x` into `xq` with `batch`, `per_batch` groups at a time, and starts over with
+/// the scalar code when a batch finds a value that is not finite.
+///
+/// # Safety
+/// The CPU must support what `batch` needs, and `xq.group_size` must divide `x.len()` and
+/// suit `batch`.
+pub(super) unsafe fn quantize_batches(
+    xq: &mut QuantizedVec,
+    x: &[f32],
+    per_batch: usize,
+    batch: Batch,
+) {
     let gs = xq.group_size;
     let groups = x.len() / gs;
     xq.q.resize(x.len(), 0);
     xq.scales.resize(groups, 0.0);
     xq.sums.resize(groups, 0);
-    for first in (0..groups).step_by(BATCH) {
-        let n = (groups - first).min(BATCH);
+    for first in (0..groups).step_by(per_batch) {
+        let n = (groups - first).min(per_batch);
         let span = first * gs..(first + n) * gs;
-        // SAFETY: the caller guarantees the CPU features, and `span` holds `n` whole groups.
+        // SAFETY: forwarded from the caller; `span` holds `n` whole groups.
         let finite = unsafe {
             batch(
                 &x[span.clone()],
