@@ -20,6 +20,8 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
 #[cfg(target_arch = "x86_64")]
+mod x86_packed_avx2;
+#[cfg(target_arch = "x86_64")]
 mod x86_quantize;
 #[cfg(target_arch = "x86_64")]
 mod x86_quantize_avx2;
@@ -137,7 +139,7 @@ impl KernelPath {
     /// Returns whether this path runs on [`PackedQ8`] weights of this group size rather than
     /// on the row-major ones.
     pub fn packs(self, group_size: usize) -> bool {
-        self == KernelPath::Avx512Vnni && group_size.is_multiple_of(4)
+        matches!(self, KernelPath::Avx512Vnni | KernelPath::Avx2) && group_size.is_multiple_of(4)
     }
 
     /// Computes `out[b * stride + r - first] = dot(w row r, xs[b])` for every row `r` of the panels in
@@ -177,10 +179,15 @@ impl KernelPath {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `packs` is true, so this is the AVX-512 VNNI path, which was checked against
-        // the CPU when it was constructed. The shapes and lengths were asserted above.
+        // SAFETY: `packs` is true, so this is the AVX-512 VNNI or the AVX2 path, which was
+        // checked against the CPU when it was constructed. The shapes and lengths were
+        // asserted above.
         unsafe {
-            x86_packed::matmul_packed(out, stride, w, panels, xs)
+            if self == KernelPath::Avx512Vnni {
+                x86_packed::matmul_packed(out, stride, w, panels, xs)
+            } else {
+                x86_packed_avx2::matmul_packed(out, stride, w, panels, xs)
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("only x86-64 paths pack weights")

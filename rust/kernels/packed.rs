@@ -1,4 +1,5 @@
-//! Q8_0 weights rearranged for the AVX-512 VNNI kernels.
+//! Q8_0 weights rearranged for the packed kernels: AVX-512 VNNI, and AVX2, which takes each
+//! panel as two halves of eight rows (`super::x86_packed_avx2`).
 //!
 //! A panel has 16 consecutive rows. Within a panel, each group of `group_size` columns is
 //! stored as `group_size / 4` blocks of 64 bytes, and block k has columns `4k..4k + 4` of

@@ -252,7 +252,15 @@ fn every_path_quantizes_like_the_scalar_code() {
 #[test]
 fn quantize_long_rows_matches_scalar() {
     let mut rng = Lcg(22);
-    for (len, gs) in [(592, 16), (1024, 32), (2048, 32), (768, 64), (288, 32), (600, 24), (136, 8)] {
+    for (len, gs) in [
+        (592, 16),
+        (1024, 32),
+        (2048, 32),
+        (768, 64),
+        (288, 32),
+        (600, 24),
+        (136, 8),
+    ] {
         let mut x: Vec<f32> = (0..len).map(|i| rng.unit() * (1 + i % 7) as f32).collect();
         let mut cases = vec![x.clone()];
         for g in (3..len / gs).step_by(5) {
@@ -271,7 +279,11 @@ fn quantize_long_rows_matches_scalar() {
                 path.quantize(&mut got, x);
                 let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
                 let name = path.name();
-                assert_eq!(bits(&got.scales), bits(&expected.scales), "{name} {len}/{gs}");
+                assert_eq!(
+                    bits(&got.scales),
+                    bits(&expected.scales),
+                    "{name} {len}/{gs}"
+                );
                 assert_eq!(got.q, expected.q, "{name} values, {len}/{gs}");
                 assert_eq!(got.sums, expected.sums, "{name} sums, {len}/{gs}");
             }
@@ -281,10 +293,14 @@ fn quantize_long_rows_matches_scalar() {
 
 #[test]
 fn packed_matmul_matches_generic_matvec_bit_for_bit() {
-    let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
+    let paths: Vec<KernelPath> = KernelPath::supported()
+        .into_iter()
+        .filter(|p| p.packs(32))
+        .collect();
+    if paths.is_empty() {
         eprintln!("no packed path on this CPU; the portable kernel is tested alone");
         return;
-    };
+    }
     let mut rng = Lcg(99);
     // Rows that leave the last panel partly empty. 1 to 64 groups cover lanes with no groups and
     // several rounds of lanes. The group sizes cover both specialized widths and the general one.
@@ -320,22 +336,34 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
                 let out = &mut expected[b * stride..b * stride + rows];
                 KernelPath::Generic.matvec_q8(out, &w_q, &w_s, x);
             }
-            let mut out = vec![0.0f32; n * stride];
-            path.matmul_packed(&mut out, stride, &packed, 0..packed.panels(), &xs);
-            let same = out
-                .iter()
-                .zip(&expected)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "packed differs for {rows}x{cols} gs {gs}, {n} inputs");
+            for &path in &paths {
+                let mut out = vec![0.0f32; n * stride];
+                path.matmul_packed(&mut out, stride, &packed, 0..packed.panels(), &xs);
+                let same = out
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{} differs for {rows}x{cols} gs {gs}, {n} inputs",
+                    path.name()
+                );
 
-            // A range of panels writes only its own rows, starting at the first of them.
-            if packed.panels() > 1 {
-                let mut part = vec![f32::NAN; (n - 1) * stride + rows - PANEL];
-                path.matmul_packed(&mut part, stride, &packed, 1..packed.panels(), &xs);
-                for b in 0..n {
-                    for r in PANEL..rows {
-                        let (got, want) = (part[b * stride + r - PANEL], expected[b * stride + r]);
-                        assert_eq!(got.to_bits(), want.to_bits(), "panel range, row {r}");
+                // A range of panels writes only its own rows, starting at the first of them.
+                if packed.panels() > 1 {
+                    let mut part = vec![f32::NAN; (n - 1) * stride + rows - PANEL];
+                    path.matmul_packed(&mut part, stride, &packed, 1..packed.panels(), &xs);
+                    for b in 0..n {
+                        for r in PANEL..rows {
+                            let (got, want) =
+                                (part[b * stride + r - PANEL], expected[b * stride + r]);
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{} panel range, row {r}",
+                                path.name()
+                            );
+                        }
                     }
                 }
             }

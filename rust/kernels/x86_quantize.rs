@@ -111,7 +111,10 @@ unsafe fn batch(x: &[f32], gs: usize, q: &mut [i8], scales: &mut [f32], sums: &m
         return false;
     }
     let max_abs = _mm512_castsi512_ps(reduce_lanes(&maxima, |a, b| {
-        _mm512_castps_si512(_mm512_max_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b)))
+        _mm512_castps_si512(_mm512_max_ps(
+            _mm512_castsi512_ps(a),
+            _mm512_castsi512_ps(b),
+        ))
     }));
     let scale = _mm512_div_ps(max_abs, _mm512_set1_ps(Q_MAX));
     // SAFETY: `scales` has `n` floats, the lanes of the mask.

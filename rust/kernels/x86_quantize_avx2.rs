@@ -56,7 +56,10 @@ unsafe fn batch(x: &[f32], gs: usize, q: &mut [i8], scales: &mut [f32], sums: &m
         return false;
     }
     let max_abs = _mm256_castsi256_ps(reduce_lanes(&maxima, |a, b| {
-        _mm256_castps_si256(_mm256_max_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b)))
+        _mm256_castps_si256(_mm256_max_ps(
+            _mm256_castsi256_ps(a),
+            _mm256_castsi256_ps(b),
+        ))
     }));
     let scale = _mm256_div_ps(max_abs, _mm256_set1_ps(Q_MAX));
     let mut lanes = [0.0f32; BATCH];

@@ -16,7 +16,10 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32]) {
 /// the same.
 pub fn rmsnorm_rows(out: &mut [f32], x: &[f32], w: &[f32]) {
     let dim = w.len();
-    for (out, x) in out.chunks_mut(NORM_ROWS * dim).zip(x.chunks(NORM_ROWS * dim)) {
+    for (out, x) in out
+        .chunks_mut(NORM_ROWS * dim)
+        .zip(x.chunks(NORM_ROWS * dim))
+    {
         let rows = x.len() / dim;
         let mut sums = [0.0f32; NORM_ROWS];
         sum_squares(&mut sums[..rows], x, dim);
@@ -403,7 +406,11 @@ mod tests {
             for (r, row) in x.chunks(dim).enumerate() {
                 let mut want = vec![0.0; dim];
                 rmsnorm(&mut want, row, &w);
-                assert_eq!(&got[r * dim..(r + 1) * dim], &want[..], "dim {dim}, row {r}");
+                assert_eq!(
+                    &got[r * dim..(r + 1) * dim],
+                    &want[..],
+                    "dim {dim}, row {r}"
+                );
             }
         }
     }
