@@ -21,9 +21,9 @@ pub fn isum(w: &[i8], x: &[i8]) -> i32 {
     w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
 }
 
-/// The integer sum of one group of a known size. With the length fixed at compile time the
-/// compiler unrolls and vectorizes the loop. On x86-64 with SSE2 alone the kernel then ran
-/// 2.5x faster than with a length known only at run time.
+/// Sums the int8 products of one group of a size fixed at compile time, so that the compiler
+/// unrolls and vectorizes the loop. On x86-64 with SSE2 alone the kernel then ran 2.5x
+/// faster than with a length known only at run time.
 /// NOTE: the ARM code this compiles to has not been inspected (no ARM toolchain here).
 #[inline(always)]
 fn isum_fixed<const N: usize>(w: &[i8], x: &[i8]) -> i32 {

@@ -261,27 +261,23 @@ impl KernelPath {
     /// Quantizes `x` into `xq` as [`QuantizedVec::quantize_from`] does, with SIMD where the
     /// path has it.
     pub fn quantize(self, xq: &mut QuantizedVec, x: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self == KernelPath::Avx512Vnni
-            && xq.group_size.is_multiple_of(16)
-            && x.len().is_multiple_of(xq.group_size)
-        {
-            // SAFETY: this path was checked against the CPU (AVX-512 F and BW included) when
-            // it was constructed; the group size was checked above.
-            unsafe { x86_quantize::quantize(xq, x) };
-            return;
+        let gs = xq.group_size;
+        if gs == 0 || !x.len().is_multiple_of(gs) {
+            return xq.quantize_from(x);
         }
-        #[cfg(target_arch = "x86_64")]
-        if self == KernelPath::Avx2
-            && xq.group_size.is_multiple_of(8)
-            && x.len().is_multiple_of(xq.group_size)
-        {
-            // SAFETY: this path was checked against the CPU (AVX2) when it was constructed;
-            // the group size was checked above.
-            unsafe { x86_quantize_avx2::quantize(xq, x) };
-            return;
+        // SAFETY (both arms): the path was checked against the CPU when it was constructed
+        // (AVX-512 F and BW, or AVX2), and the group size is checked in the arm's guard.
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni if gs.is_multiple_of(16) => unsafe {
+                x86_quantize::quantize(xq, x)
+            },
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 if gs.is_multiple_of(8) => unsafe {
+                x86_quantize_avx2::quantize(xq, x)
+            },
+            _ => xq.quantize_from(x),
         }
-        xq.quantize_from(x)
     }
 }
 

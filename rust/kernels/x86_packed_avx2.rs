@@ -1,7 +1,7 @@
 //! AVX2 kernel on packed weights (layout in `super::packed`), for CPUs without AVX-512: a
 //! panel's 16 rows in two 256-bit halves of eight, one input at a time.
 //!
-//! A 64-byte block holds four columns of the 16 rows, row after row, so its first 32 bytes
+//! A 64-byte block contains four columns of the 16 rows, row after row, so its first 32 bytes
 //! are rows 0-7 and the rest rows 8-15. The stored bytes are `w + 128`; flipping the sign bit
 //! back gives `w`. `maddubs` multiplies `|w|` (unsigned) by `x * sign(w)` and adds adjacent
 //! pairs into 16 bits, which cannot saturate (2 * 128 * 127 < 32767), and `madd` adds the two

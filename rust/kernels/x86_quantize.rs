@@ -9,8 +9,8 @@
 //! Each value is divided by its group's scale and clamped to +-127. Rounding half away from
 //! zero is truncation after adding 0.5 - 2^-25 with the value's sign. Where the sum is
 //! inexact it rounds to the nearest float, and within +-127.5 that never crosses an integer
-//! the exact sum would not reach, while a value exactly at a half still reaches the next
-//! integer (its sum lies 2^-25 below it, and rounds up to it). Adding 0.5 itself would fail
+//! the exact sum would not reach. A value exactly at a half still reaches the next integer,
+//! because its sum lies 2^-25 below it and rounds up to it. Adding 0.5 itself would fail
 //! at 0.5 - 2^-25, whose sum is a tie that rounds up to 1. The tests check the floats around
 //! every half and from 0.25 to 1 against the scalar rounding, and an ignored one every float
 //! up to 128.
@@ -63,7 +63,7 @@ pub(super) unsafe fn quantize_batches(
     for first in (0..groups).step_by(per_batch) {
         let n = (groups - first).min(per_batch);
         let span = first * gs..(first + n) * gs;
-        // SAFETY: forwarded from the caller; `span` holds `n` whole groups.
+        // SAFETY: forwarded from the caller, and `span` covers `n` whole groups.
         let finite = unsafe {
             batch(
                 &x[span.clone()],

@@ -80,8 +80,8 @@ unsafe fn batch(x: &[f32], gs: usize, q: &mut [i8], scales: &mut [f32], sums: &m
             // SAFETY: the chunk has 8 floats.
             let rounded = round_chunk(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, s);
             *sum = _mm256_add_epi32(*sum, rounded);
-            // The values lie within +-127, so the saturating packs keep them; each 128-bit
-            // half then holds its four values in its first four bytes.
+            // The values lie within +-127, so the saturating packs keep them. Each 128-bit
+            // half then has its four values in its first four bytes.
             let words = _mm256_packs_epi32(rounded, rounded);
             let bytes = _mm256_packs_epi16(words, words);
             let both = _mm_unpacklo_epi32(

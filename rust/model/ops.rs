@@ -42,7 +42,13 @@ fn sum_squares(sums: &mut [f32], x: &[f32], dim: usize) {
         // SAFETY: the CPU supports AVX (checked above), and `x` has eight rows.
         return unsafe { sum_squares8_avx(sums, x, dim) };
     }
-    for i in 0..dim {
+    add_squares(sums, x, dim, 0..dim);
+}
+
+/// Adds the squares of columns `columns` of each row of `x` (width `dim`) to the row's sum,
+/// one column after another.
+fn add_squares(sums: &mut [f32], x: &[f32], dim: usize, columns: std::ops::Range<usize>) {
+    for i in columns {
         for (r, sum) in sums.iter_mut().enumerate() {
             let v = x[r * dim + i];
             *sum += v * v;
@@ -50,7 +56,7 @@ fn sum_squares(sums: &mut [f32], x: &[f32], dim: usize) {
     }
 }
 
-/// [`sum_squares`] for eight rows with the rows in the lanes of one register: each block of
+/// Computes [`sum_squares`] for eight rows, one row per lane of a register. Each block of
 /// eight columns is loaded row by row and transposed, so that one vector step adds the same
 /// column's square to all eight sums. The squares of a row still go in one by one, in
 /// order. The scalar loop, with the rows side by side, took about 2.3 cycles per value.
@@ -106,12 +112,7 @@ unsafe fn sum_squares8_avx(sums: &mut [f32; NORM_ROWS], x: &[f32], dim: usize) {
     }
     // SAFETY: as above.
     unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
-    for i in full..dim {
-        for (r, sum) in sums.iter_mut().enumerate() {
-            let v = x[r * dim + i];
-            *sum += v * v;
-        }
-    }
+    add_squares(sums, x, dim, full..dim);
 }
 
 #[inline(always)]
