@@ -19,6 +19,8 @@
 //!
 //! Rows past the end of the matrix, in the last panel, have weight 0 and scale 0.
 
+use std::ops::Range;
+
 use super::LANES;
 
 /// Rows per panel: the f32 lanes of one 512-bit register.
@@ -157,7 +159,28 @@ impl PackedQ8 {
     pub(super) fn panel_scales(&self) -> usize {
         PANEL * (self.cols / self.group_size)
     }
+
+    /// Splits `panels` into the runs of consecutive panels that a batch kernel multiplies in
+    /// turn: every input passes over all panels of one run before the next run starts.
+    ///
+    /// With one panel at a time for all inputs, each panel writes 16 outputs of every input,
+    /// a column of the output that touches one cache line per input. Those stores missed:
+    /// on toy20M (Zen 4) the memory update's products ran 15-25% slower than with the output
+    /// lines already in cache. Input by input over a run, the stores fill whole lines in
+    /// order, and the run's weights are read again from L2 for each input tile.
+    pub(super) fn panel_runs(&self, panels: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+        let per_run = (RUN_BYTES / self.panel_bytes()).max(1);
+        let end = panels.end;
+        panels
+            .step_by(per_run)
+            .map(move |first| first..(first + per_run).min(end))
+    }
 }
+
+/// Weight bytes of a run of panels (see [`PackedQ8::panel_runs`]): a fraction of the 1 MiB L2
+/// of Zen 4 and the 1.25-2 MiB of recent Intel cores, so that the run stays there beside the
+/// activations and outputs.
+const RUN_BYTES: usize = 128 * 1024;
 
 /// Lanes in the order of the sum tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
 pub(super) const LANE_ORDER: [usize; LANES] = [0, 4, 2, 6, 1, 5, 3, 7];

@@ -314,6 +314,8 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
         (3, 48, 16),
         (20, 96, 96),
         (48, 2048, 32),
+        // Several runs of panels (four 32 KiB panels each), the last one short.
+        (150, 2048, 32),
         // An odd number of 4-column blocks per group.
         (7, 60, 12),
         (9, 40, 20),

@@ -138,8 +138,8 @@ unsafe fn lane_sums<const B: usize, const GS: usize>(
     acc
 }
 
-/// Multiplies the panels `panels` of `w` by every input of `xs`, `INPUTS` at a time. The panel
-/// loop is the outer one, so that a panel stays in cache while all inputs pass over it.
+/// Multiplies the panels `panels` of `w` by every input of `xs`, `INPUTS` at a time, run of
+/// panels by run (see [`PackedQ8::panel_runs`]).
 ///
 /// # Safety
 /// As for [`matmul_packed`].
@@ -151,22 +151,11 @@ unsafe fn panels<const GS: usize>(
     panels: Range<usize>,
     xs: &[QuantizedVec],
 ) {
-    let (gs, groups) = (w.group_size, w.cols / w.group_size);
     let first_row = panels.start * PANEL;
-    let out_ptr = out.as_mut_ptr();
-    for p in panels {
-        let valid = (w.rows - p * PANEL).min(PANEL);
-        // SAFETY: p < w.panels(), so both offsets are inside the packed arrays.
-        let (wp, sp) = unsafe {
-            (
-                w.bytes().as_ptr().add(p * w.panel_bytes()),
-                w.scales.as_ptr().add(p * w.panel_scales()),
-            )
-        };
+    for run in w.panel_runs(panels) {
         let mut b0 = 0;
         while b0 < xs.len() {
             let count = (xs.len() - b0).min(INPUTS);
-            let row = p * PANEL - first_row;
             // SAFETY: the caller sized `out` for every input and row of these panels, and
             // each input has `cols` values and `groups` scales and sums.
             unsafe {
@@ -176,9 +165,12 @@ unsafe fn panels<const GS: usize>(
                             q: std::array::from_fn(|i| xs[b0 + i].q.as_ptr()),
                             scales: std::array::from_fn(|i| xs[b0 + i].scales.as_ptr()),
                             sums: std::array::from_fn(|i| xs[b0 + i].sums.as_ptr()),
-                            out: std::array::from_fn(|i| out_ptr.add((b0 + i) * stride + row)),
+                            out: std::array::from_fn(|i| {
+                                let row = run.start * PANEL - first_row;
+                                out.as_mut_ptr().add((b0 + i) * stride + row)
+                            }),
                         };
-                        panel::<$b, GS>(wp, sp, groups, gs, tile, valid)
+                        tile_panels::<$b, GS>(w, run.clone(), tile)
                     }};
                 }
                 match count {
@@ -189,6 +181,34 @@ unsafe fn panels<const GS: usize>(
                 }
             }
             b0 += count;
+        }
+    }
+}
+
+/// Multiplies the panels `run` of `w` by the inputs of `tile`, whose outputs point at the
+/// first row of the run.
+///
+/// # Safety
+/// As for [`matmul_packed`], for the tile's inputs and outputs.
+#[inline(always)]
+unsafe fn tile_panels<const B: usize, const GS: usize>(
+    w: &PackedQ8,
+    run: Range<usize>,
+    tile: Tile<B>,
+) {
+    let (gs, groups) = (w.group_size, w.cols / w.group_size);
+    for (i, p) in run.enumerate() {
+        let valid = (w.rows - p * PANEL).min(PANEL);
+        // SAFETY: p < w.panels(), so both offsets are inside the packed arrays, and the
+        // outputs have the run's rows.
+        unsafe {
+            let wp = w.bytes().as_ptr().add(p * w.panel_bytes());
+            let sp = w.scales.as_ptr().add(p * w.panel_scales());
+            let tile = Tile {
+                out: tile.out.map(|o| o.add(i * PANEL)),
+                ..tile
+            };
+            panel::<B, GS>(wp, sp, groups, gs, tile, valid);
         }
     }
 }

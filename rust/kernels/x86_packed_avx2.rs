@@ -43,8 +43,8 @@ pub unsafe fn matmul_packed(
     }
 }
 
-/// Runs the panels of `panels` against every input, one input at a time: the panel, a few
-/// kilobytes, stays in the first-level cache while the inputs pass over it.
+/// Runs the panels of `panels` against every input, one input at a time, run of panels by
+/// run (see [`PackedQ8::panel_runs`]).
 ///
 /// # Safety
 /// As for [`matmul_packed`].
@@ -58,28 +58,27 @@ unsafe fn panels<const GS: usize>(
 ) {
     let (gs, groups) = (w.group_size, w.cols / w.group_size);
     let first_row = panels.start * PANEL;
-    for p in panels {
-        let valid = (w.rows - p * PANEL).min(PANEL);
-        let row = p * PANEL - first_row;
-        // SAFETY: p < w.panels(), so both offsets are inside the packed arrays.
-        let (wp, sp) = unsafe {
-            (
-                w.bytes().as_ptr().add(p * w.panel_bytes()),
-                w.scales.as_ptr().add(p * w.panel_scales()),
-            )
-        };
+    for run in w.panel_runs(panels) {
         for (b, x) in xs.iter().enumerate() {
-            // SAFETY: the pointers cover one whole panel, and `x` has `groups * gs` values
-            // and `groups` scales (the caller's guarantee).
-            let [low, high] = unsafe { panel::<GS>(wp, sp, groups, gs, x) };
-            let mut rows = [0.0f32; PANEL];
-            // SAFETY: `rows` has 16 floats.
-            unsafe {
-                _mm256_storeu_ps(rows.as_mut_ptr(), low);
-                _mm256_storeu_ps(rows.as_mut_ptr().add(8), high);
+            for p in run.clone() {
+                let valid = (w.rows - p * PANEL).min(PANEL);
+                // SAFETY: p < w.panels(), so both offsets are inside the packed arrays; the
+                // pointers cover one whole panel, and `x` has `groups * gs` values and
+                // `groups` scales (the caller's guarantee).
+                let [low, high] = unsafe {
+                    let wp = w.bytes().as_ptr().add(p * w.panel_bytes());
+                    let sp = w.scales.as_ptr().add(p * w.panel_scales());
+                    panel::<GS>(wp, sp, groups, gs, x)
+                };
+                let mut rows = [0.0f32; PANEL];
+                // SAFETY: `rows` has 16 floats.
+                unsafe {
+                    _mm256_storeu_ps(rows.as_mut_ptr(), low);
+                    _mm256_storeu_ps(rows.as_mut_ptr().add(8), high);
+                }
+                let at = b * stride + p * PANEL - first_row;
+                out[at..at + valid].copy_from_slice(&rows[..valid]);
             }
-            let at = b * stride + row;
-            out[at..at + valid].copy_from_slice(&rows[..valid]);
         }
     }
 }
