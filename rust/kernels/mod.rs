@@ -8,8 +8,9 @@
 //! float steps run in the same order on every path, so every path returns bit-identical
 //! results to the portable one.
 //!
-//! Paths: `generic` (portable Rust, what runs on ARM and other targets), `avx2`, and
-//! `avx512` (AVX-512 BW + VNNI). The path is picked at run time from what the CPU reports, or
+//! Paths: `generic` (portable Rust, what runs on ARM and other targets), `avx2`, `avxvnni`
+//! (AVX2 with the 256-bit VNNI instructions of Intel cores that lack AVX-512), and
+//! `avx512vnni` (AVX-512 BW + VNNI). The path is picked at run time from what the CPU reports, or
 //! forced with [`KernelPath::from_name`] (the `LLAMA2RNN_KERNEL` environment variable in the
 //! front ends).
 
@@ -42,13 +43,15 @@ pub const Q_MAX: f32 = 127.0;
 pub enum KernelPath {
     Generic,
     Avx2,
+    AvxVnni,
     Avx512Vnni,
 }
 
 impl KernelPath {
-    pub const ALL: [KernelPath; 3] = [
+    pub const ALL: [KernelPath; 4] = [
         KernelPath::Generic,
         KernelPath::Avx2,
+        KernelPath::AvxVnni,
         KernelPath::Avx512Vnni,
     ];
 
@@ -56,6 +59,7 @@ impl KernelPath {
         match self {
             KernelPath::Generic => "generic",
             KernelPath::Avx2 => "avx2",
+            KernelPath::AvxVnni => "avxvnni",
             KernelPath::Avx512Vnni => "avx512vnni",
         }
     }
@@ -66,6 +70,10 @@ impl KernelPath {
             KernelPath::Generic => true,
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::AvxVnni => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni")
+            }
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512Vnni => {
                 is_x86_feature_detected!("avx512f")
@@ -80,10 +88,14 @@ impl KernelPath {
 
     /// Returns the fastest path this CPU supports.
     pub fn detect() -> KernelPath {
-        [KernelPath::Avx512Vnni, KernelPath::Avx2]
-            .into_iter()
-            .find(|p| p.is_supported())
-            .unwrap_or(KernelPath::Generic)
+        [
+            KernelPath::Avx512Vnni,
+            KernelPath::AvxVnni,
+            KernelPath::Avx2,
+        ]
+        .into_iter()
+        .find(|p| p.is_supported())
+        .unwrap_or(KernelPath::Generic)
     }
 
     /// Returns all paths this CPU supports, portable first.
@@ -101,7 +113,7 @@ impl KernelPath {
             .find(|p| p.name() == name)
             .ok_or_else(|| {
                 Error::InvalidSetting(format!(
-                    "unknown kernel path {name:?}: use auto, generic, avx2 or avx512vnni"
+                    "unknown kernel path {name:?}: use auto, generic, avx2, avxvnni or avx512vnni"
                 ))
             })?;
         if !path.is_supported() {
@@ -125,7 +137,9 @@ impl KernelPath {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a path other than Generic is only constructed through `detect` or
             // `from_name`, which check that the CPU supports it.
-            KernelPath::Avx2 => unsafe { x86::matvec_q8_avx2(out, w_q, w_scales, x) },
+            KernelPath::Avx2 | KernelPath::AvxVnni => unsafe {
+                x86::matvec_q8_avx2(out, w_q, w_scales, x)
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             KernelPath::Avx512Vnni => unsafe { x86::matvec_q8_avx512vnni(out, w_q, w_scales, x) },
@@ -139,7 +153,10 @@ impl KernelPath {
     /// Returns whether this path runs on [`PackedQ8`] weights of this group size rather than
     /// on the row-major ones.
     pub fn packs(self, group_size: usize) -> bool {
-        matches!(self, KernelPath::Avx512Vnni | KernelPath::Avx2) && group_size.is_multiple_of(4)
+        matches!(
+            self,
+            KernelPath::Avx512Vnni | KernelPath::AvxVnni | KernelPath::Avx2
+        ) && group_size.is_multiple_of(4)
     }
 
     /// Computes `out[b * stride + r - first] = dot(w row r, xs[b])` for every row `r` of the panels in
@@ -179,14 +196,15 @@ impl KernelPath {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `packs` is true, so this is the AVX-512 VNNI or the AVX2 path, which was
-        // checked against the CPU when it was constructed. The shapes and lengths were
-        // asserted above.
+        // SAFETY: `packs` is true, so this is an x86 path, which was checked against the CPU
+        // when it was constructed. The shapes and lengths were asserted above.
         unsafe {
-            if self == KernelPath::Avx512Vnni {
-                x86_packed::matmul_packed(out, stride, w, panels, xs)
-            } else {
-                x86_packed_avx2::matmul_packed(out, stride, w, panels, xs)
+            match self {
+                KernelPath::Avx512Vnni => x86_packed::matmul_packed(out, stride, w, panels, xs),
+                KernelPath::AvxVnni => {
+                    x86_packed_avx2::matmul_packed_vnni(out, stride, w, panels, xs)
+                }
+                _ => x86_packed_avx2::matmul_packed(out, stride, w, panels, xs),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -273,7 +291,7 @@ impl KernelPath {
                 x86_quantize::quantize(xq, x)
             },
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx2 if gs.is_multiple_of(8) => unsafe {
+            KernelPath::Avx2 | KernelPath::AvxVnni if gs.is_multiple_of(8) => unsafe {
                 x86_quantize_avx2::quantize(xq, x)
             },
             _ => xq.quantize_from(x),

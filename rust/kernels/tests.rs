@@ -143,19 +143,14 @@ fn extreme_weights_do_not_saturate() {
         assert_eq!(out, vec![0.0; rows], "{}", path.name());
         path.matvec_q8(&mut out, &w_q, &w_s, &xq_pos);
         assert_eq!(out, vec![-128.0 * 127.0 * 64.0; rows], "{}", path.name());
-        if path.packs(gs) {
-            let packed = PackedQ8::new(&w_q, &w_s, rows, cols, gs);
-            let xs = [xq.clone(), xq_pos.clone()];
-            let mut out = vec![0.0; 2 * rows];
-            path.matmul_packed(&mut out, rows, &packed, 0..1, &xs);
-            assert_eq!(out[..rows], vec![0.0; rows], "{} packed", path.name());
-            assert_eq!(
-                out[rows..],
-                vec![-128.0 * 127.0 * 64.0; rows],
-                "{} packed",
-                path.name()
-            );
-        }
+    }
+    let packed = PackedQ8::new(&w_q, &w_s, rows, cols, gs);
+    let xs = [xq.clone(), xq_pos.clone()];
+    for (name, kernel) in packed_kernels() {
+        let mut out = vec![0.0; 2 * rows];
+        kernel(&mut out, rows, &packed, 0..1, &xs);
+        assert_eq!(out[..rows], vec![0.0; rows], "{name}");
+        assert_eq!(out[rows..], vec![-128.0 * 127.0 * 64.0; rows], "{name}");
     }
 }
 
@@ -291,13 +286,38 @@ fn quantize_long_rows_matches_scalar() {
     }
 }
 
-#[test]
-fn packed_matmul_matches_generic_matvec_bit_for_bit() {
-    let paths: Vec<KernelPath> = KernelPath::supported()
+/// A packed kernel: `out`, `stride`, weights, panels, inputs.
+type PackedKernel = Box<dyn Fn(&mut [f32], usize, &PackedQ8, Range<usize>, &[QuantizedVec])>;
+
+/// Every packed kernel this CPU runs, by name: those of the paths that pack, and the AVX-VNNI
+/// kernel's steps with the AVX-512 encoding of `dpbusd`, which CPUs without AVX-VNNI run.
+fn packed_kernels() -> Vec<(String, PackedKernel)> {
+    let mut kernels: Vec<(String, PackedKernel)> = KernelPath::supported()
         .into_iter()
         .filter(|p| p.packs(32))
+        .map(|path| {
+            let kernel: PackedKernel = Box::new(move |out, stride, w, panels, xs| {
+                path.matmul_packed(out, stride, w, panels, xs)
+            });
+            (path.name().to_string(), kernel)
+        })
         .collect();
-    if paths.is_empty() {
+    #[cfg(target_arch = "x86_64")]
+    if KernelPath::Avx512Vnni.is_supported() {
+        let kernel: PackedKernel = Box::new(|out, stride, w, panels, xs| {
+            // SAFETY: AVX-512 VNNI and VL (and AVX2) are supported; the test sizes `out` and
+            // the inputs for the weights, as `matmul_packed` asserts.
+            unsafe { x86_packed_avx2::matmul_packed_evex(out, stride, w, panels, xs) }
+        });
+        kernels.push(("avxvnni steps (EVEX)".to_string(), kernel));
+    }
+    kernels
+}
+
+#[test]
+fn packed_matmul_matches_generic_matvec_bit_for_bit() {
+    let kernels = packed_kernels();
+    if kernels.is_empty() {
         eprintln!("no packed path on this CPU; the portable kernel is tested alone");
         return;
     }
@@ -338,23 +358,19 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
                 let out = &mut expected[b * stride..b * stride + rows];
                 KernelPath::Generic.matvec_q8(out, &w_q, &w_s, x);
             }
-            for &path in &paths {
+            for (name, kernel) in &kernels {
                 let mut out = vec![0.0f32; n * stride];
-                path.matmul_packed(&mut out, stride, &packed, 0..packed.panels(), &xs);
+                kernel(&mut out, stride, &packed, 0..packed.panels(), &xs);
                 let same = out
                     .iter()
                     .zip(&expected)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{} differs for {rows}x{cols} gs {gs}, {n} inputs",
-                    path.name()
-                );
+                assert!(same, "{name} differs for {rows}x{cols} gs {gs}, {n} inputs");
 
                 // A range of panels writes only its own rows, starting at the first of them.
                 if packed.panels() > 1 {
                     let mut part = vec![f32::NAN; (n - 1) * stride + rows - PANEL];
-                    path.matmul_packed(&mut part, stride, &packed, 1..packed.panels(), &xs);
+                    kernel(&mut part, stride, &packed, 1..packed.panels(), &xs);
                     for b in 0..n {
                         for r in PANEL..rows {
                             let (got, want) =
@@ -362,8 +378,7 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
                             assert_eq!(
                                 got.to_bits(),
                                 want.to_bits(),
-                                "{} panel range, row {r}",
-                                path.name()
+                                "{name} panel range, row {r}"
                             );
                         }
                     }

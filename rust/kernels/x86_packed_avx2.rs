@@ -1,15 +1,22 @@
-//! AVX2 kernel on packed weights (layout in `super::packed`), for CPUs without AVX-512: a
-//! panel's 16 rows in two 256-bit halves of eight, one input at a time.
+//! 256-bit kernels on packed weights (layout in `super::packed`), for CPUs without AVX-512: a
+//! panel's 16 rows in two halves of eight, one input at a time.
 //!
 //! A 64-byte block contains four columns of the 16 rows, row after row, so its first 32 bytes
-//! are rows 0-7 and the rest rows 8-15. The stored bytes are `w + 128`; flipping the sign bit
-//! back gives `w`. `maddubs` multiplies `|w|` (unsigned) by `x * sign(w)` and adds adjacent
-//! pairs into 16 bits, which cannot saturate (2 * 128 * 127 < 32767), and `madd` adds the two
-//! pairs of each row into its 32-bit lane. So each row's group sum stays in its own lane, and
-//! the fp32 steps follow the portable kernel lane for lane, as in `super::x86_packed`.
-//! Results are bit-identical to `generic`.
+//! are rows 0-7 and the rest rows 8-15. Each half block adds four products to each of its
+//! eight rows' int32 sums, one row per 32-bit lane, in one of two ways:
+//! - AVX2 ([`Maddubs`]): the stored bytes are `w + 128`, and flipping the sign bit back gives
+//!   `w`. `maddubs` multiplies `|w|` (unsigned) by `x * sign(w)` and adds adjacent pairs into
+//!   16 bits, which cannot saturate (2 * 128 * 127 < 32767), and `madd` adds the two pairs of
+//!   each row into its lane.
+//! - AVX-VNNI ([`Dpbusd`], Intel cores since Alder Lake, which lack AVX-512): one `dpbusd` of
+//!   the stored `w + 128` by `x`, with the sums starting at `-128 * sum(x)`, as in
+//!   `super::x86_packed`.
+//!
+//! So each row's group sum stays in its own lane, and the fp32 steps follow the portable
+//! kernel lane for lane, as in `super::x86_packed`. Results are bit-identical to `generic`.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use super::packed::{PackedQ8, LANE_ORDER, PANEL};
@@ -17,6 +24,85 @@ use super::{QuantizedVec, LANES};
 
 /// Rows 0-7 and rows 8-15 of a panel.
 type Halves = [__m256; 2];
+
+/// One way to add the products of a half block (four columns of eight rows) to its rows'
+/// int32 sums. The functions are always inlined into a kernel compiled with the features
+/// they need.
+trait HalfBlock {
+    /// The sums' start for a group whose activation bytes add up to `sum_x`.
+    unsafe fn start(sum_x: i32) -> __m256i;
+    /// Adds the products of the half block's stored bytes `w + 128` and the four activation
+    /// bytes `x`, which sit in every lane.
+    unsafe fn add(sum: __m256i, stored: __m256i, x: __m256i) -> __m256i;
+}
+
+/// AVX2: `maddubs` and `madd` on `|w|` and `x * sign(w)`.
+struct Maddubs;
+
+impl HalfBlock for Maddubs {
+    #[inline(always)]
+    unsafe fn start(_sum_x: i32) -> __m256i {
+        // SAFETY: AVX2, which every caller's kernel has.
+        unsafe { _mm256_setzero_si256() }
+    }
+
+    #[inline(always)]
+    unsafe fn add(sum: __m256i, stored: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: AVX2, as above.
+        unsafe {
+            let w = _mm256_xor_si256(stored, _mm256_set1_epi8(i8::MIN));
+            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+            _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+}
+
+/// `dpbusd` on the stored bytes, in the encoding `E` picks.
+struct Dpbusd<E>(PhantomData<E>);
+
+/// The VEX encoding of AVX-VNNI, which the CPUs this path is for have.
+struct Vex;
+
+/// The EVEX encoding of AVX-512 VNNI with 256-bit vectors: the same operation, which this
+/// project's test machines can run, so that the kernel's steps are tested there.
+#[cfg(test)]
+struct Evex;
+
+/// An encoding of the 256-bit `dpbusd`.
+trait DpbusdEncoding {
+    unsafe fn dpbusd(sum: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i;
+}
+
+impl DpbusdEncoding for Vex {
+    #[inline(always)]
+    unsafe fn dpbusd(sum: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+        // SAFETY: AVX-VNNI, which the kernel this is inlined into has.
+        unsafe { _mm256_dpbusd_avx_epi32(sum, unsigned, signed) }
+    }
+}
+
+#[cfg(test)]
+impl DpbusdEncoding for Evex {
+    #[inline(always)]
+    unsafe fn dpbusd(sum: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+        // SAFETY: AVX-512 VNNI and VL, which the kernel this is inlined into has.
+        unsafe { _mm256_dpbusd_epi32(sum, unsigned, signed) }
+    }
+}
+
+impl<E: DpbusdEncoding> HalfBlock for Dpbusd<E> {
+    #[inline(always)]
+    unsafe fn start(sum_x: i32) -> __m256i {
+        // SAFETY: AVX, which every caller's kernel has.
+        unsafe { _mm256_set1_epi32(-(sum_x << 7)) }
+    }
+
+    #[inline(always)]
+    unsafe fn add(sum: __m256i, stored: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: forwarded from the caller.
+        unsafe { E::dpbusd(sum, stored, x) }
+    }
+}
 
 /// Computes `out[b * stride + r - first] = dot(W row r, xs[b])` for the rows `r` of `panels`,
 /// where `first` is the first row of the first panel.
@@ -34,11 +120,60 @@ pub unsafe fn matmul_packed(
     xs: &[QuantizedVec],
 ) {
     // SAFETY: forwarded from the caller.
+    unsafe { matmul::<Maddubs>(out, stride, w, panel_range, xs) }
+}
+
+/// As [`matmul_packed`] with AVX-VNNI.
+///
+/// # Safety
+/// As for [`matmul_packed`], and the CPU must support AVX-VNNI.
+/// NOTE: no CPU that this project is tested on has AVX-VNNI. The tests run this kernel's
+/// steps with the EVEX encoding of the same instruction ([`matmul_packed_evex`]).
+#[target_feature(enable = "avx2,avxvnni")]
+pub unsafe fn matmul_packed_vnni(
+    out: &mut [f32],
+    stride: usize,
+    w: &PackedQ8,
+    panel_range: Range<usize>,
+    xs: &[QuantizedVec],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { matmul::<Dpbusd<Vex>>(out, stride, w, panel_range, xs) }
+}
+
+/// [`matmul_packed_vnni`] with the instruction's AVX-512 encoding, for the tests.
+///
+/// # Safety
+/// As for [`matmul_packed`], and the CPU must support AVX-512 VNNI and VL.
+#[cfg(test)]
+#[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+pub unsafe fn matmul_packed_evex(
+    out: &mut [f32],
+    stride: usize,
+    w: &PackedQ8,
+    panel_range: Range<usize>,
+    xs: &[QuantizedVec],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { matmul::<Dpbusd<Evex>>(out, stride, w, panel_range, xs) }
+}
+
+/// # Safety
+/// As for the kernel this is inlined into.
+#[inline(always)]
+unsafe fn matmul<D: HalfBlock>(
+    out: &mut [f32],
+    stride: usize,
+    w: &PackedQ8,
+    panel_range: Range<usize>,
+    xs: &[QuantizedVec],
+) {
+    // SAFETY: forwarded from the caller.
     unsafe {
         match w.group_size {
-            32 => panels::<32>(out, stride, w, panel_range, xs),
-            64 => panels::<64>(out, stride, w, panel_range, xs),
-            _ => panels::<0>(out, stride, w, panel_range, xs),
+            32 => panels::<D, 32>(out, stride, w, panel_range, xs),
+            64 => panels::<D, 64>(out, stride, w, panel_range, xs),
+            _ => panels::<D, 0>(out, stride, w, panel_range, xs),
         }
     }
 }
@@ -48,8 +183,8 @@ pub unsafe fn matmul_packed(
 ///
 /// # Safety
 /// As for [`matmul_packed`].
-#[target_feature(enable = "avx2")]
-unsafe fn panels<const GS: usize>(
+#[inline(always)]
+unsafe fn panels<D: HalfBlock, const GS: usize>(
     out: &mut [f32],
     stride: usize,
     w: &PackedQ8,
@@ -63,12 +198,12 @@ unsafe fn panels<const GS: usize>(
             for p in run.clone() {
                 let valid = (w.rows - p * PANEL).min(PANEL);
                 // SAFETY: p < w.panels(), so both offsets are inside the packed arrays; the
-                // pointers cover one whole panel, and `x` has `groups * gs` values and
-                // `groups` scales (the caller's guarantee).
+                // pointers cover one whole panel, and `x` has `groups * gs` values,
+                // `groups` scales and `groups` sums (the caller's guarantee).
                 let [low, high] = unsafe {
                     let wp = w.bytes().as_ptr().add(p * w.panel_bytes());
                     let sp = w.scales.as_ptr().add(p * w.panel_scales());
-                    panel::<GS>(wp, sp, groups, gs, x)
+                    panel::<D, GS>(wp, sp, groups, gs, x)
                 };
                 let mut rows = [0.0f32; PANEL];
                 // SAFETY: `rows` has 16 floats.
@@ -86,11 +221,10 @@ unsafe fn panels<const GS: usize>(
 /// Multiplies one panel by one input: the 16 rows' results.
 ///
 /// # Safety
-/// The CPU must support AVX2; `w` and `ws` must point at a whole panel of `groups` groups of
-/// `gs` columns, and `x` must hold `groups * gs` values and `groups` scales.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn panel<const GS: usize>(
+/// `w` and `ws` must point at a whole panel of `groups` groups of `gs` columns, and `x` must
+/// hold `groups * gs` values, `groups` scales and `groups` sums.
+#[inline(always)]
+unsafe fn panel<D: HalfBlock, const GS: usize>(
     w: *const u8,
     ws: *const f32,
     groups: usize,
@@ -102,7 +236,7 @@ unsafe fn panel<const GS: usize>(
     // SAFETY (whole body): the cursor advances through exactly one panel's blocks and scales,
     // lane after lane in storage order, all inside what the caller guarantees.
     unsafe {
-        let mut lane = |l: usize| lane_sums::<GS>(&mut at, l, groups, gs, x);
+        let mut lane = |l: usize| lane_sums::<D, GS>(&mut at, l, groups, gs, x);
         // The tree of `generic::sum_lanes`, in the storage order of the lanes.
         debug_assert_eq!(LANE_ORDER, [0, 4, 2, 6, 1, 5, 3, 7]);
         let l04 = add(lane(0), lane(4));
@@ -132,7 +266,7 @@ fn add(a: Halves, b: Halves) -> Halves {
 /// # Safety
 /// As for [`panel`], with `at` at this lane's first group.
 #[inline(always)]
-unsafe fn lane_sums<const GS: usize>(
+unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
     at: &mut Cursor,
     lane: usize,
     groups: usize,
@@ -143,28 +277,30 @@ unsafe fn lane_sums<const GS: usize>(
     let group_bytes = gs / 4 * block_bytes;
     // SAFETY: forwarded from the caller.
     unsafe {
-        let sign_bit = _mm256_set1_epi8(i8::MIN);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 2];
         for g in (lane..groups).step_by(LANES) {
             let xp = x.q.as_ptr().add(g * gs);
-            let mut sums = [_mm256_setzero_si256(); 2];
+            // Two chains per half (even and odd blocks), so that a `dpbusd` waits on the
+            // latency of half as many. Integer sums are exact in any order.
+            let start = D::start(*x.sums.get_unchecked(g));
+            let mut even = [start; 2];
+            let mut odd = [_mm256_setzero_si256(); 2];
             for k in 0..gs / 4 {
                 // The four activation bytes of this block's columns, in every row's lane.
                 let xv = _mm256_set1_epi32((xp.add(4 * k) as *const i32).read_unaligned());
+                let sums = if k % 2 == 0 { &mut even } else { &mut odd };
                 for (h, sum) in sums.iter_mut().enumerate() {
                     let stored = _mm256_loadu_si256(at.w.add(k * block_bytes + 32 * h) as *const _);
-                    let wv = _mm256_xor_si256(stored, sign_bit);
-                    let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                    *sum = D::add(*sum, stored, xv);
                 }
             }
             let x_scale = _mm256_set1_ps(*x.scales.get_unchecked(g));
-            for (h, (acc, sum)) in acc.iter_mut().zip(sums).enumerate() {
+            for h in 0..2 {
+                let sum = _mm256_add_epi32(even[h], odd[h]);
                 let w_scale = _mm256_loadu_ps(at.ws.add(8 * h));
                 let scaled =
                     _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), w_scale), x_scale);
-                *acc = _mm256_add_ps(*acc, scaled);
+                acc[h] = _mm256_add_ps(acc[h], scaled);
             }
             at.w = at.w.add(group_bytes);
             at.ws = at.ws.add(PANEL);
