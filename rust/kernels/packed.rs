@@ -177,9 +177,10 @@ impl PackedQ8 {
     }
 }
 
-/// Weight bytes of a run of panels (see [`PackedQ8::panel_runs`]): a fraction of the 1 MiB L2
-/// of Zen 4 and the 1.25-2 MiB of recent Intel cores, so that the run stays there beside the
-/// activations and outputs.
+/// Weight bytes of a run of panels (see [`PackedQ8::panel_runs`]): half the 256 KiB L2 of
+/// Intel client cores before Ice Lake (Zen 4 has 1 MiB), so that the run stays in L2 beside
+/// the activations and outputs. On toy20M (Zen 4), 48 KiB runs measured slower and 256 KiB
+/// alike.
 const RUN_BYTES: usize = 128 * 1024;
 
 /// Lanes in the order of the sum tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).

@@ -29,7 +29,7 @@ type Halves = [__m256; 2];
 /// int32 sums. The functions are always inlined into a kernel compiled with the features
 /// they need.
 trait HalfBlock {
-    /// The sums' start for a group whose activation bytes add up to `sum_x`.
+    /// Returns the sums' starting value for a group whose activation bytes add up to `sum_x`.
     unsafe fn start(sum_x: i32) -> __m256i;
     /// Adds the products of the half block's stored bytes `w + 128` and the four activation
     /// bytes `x`, which sit in every lane.
@@ -60,7 +60,7 @@ impl HalfBlock for Maddubs {
 /// `dpbusd` on the stored bytes, in the encoding `E` picks.
 struct Dpbusd<E>(PhantomData<E>);
 
-/// The VEX encoding of AVX-VNNI, which the CPUs this path is for have.
+/// The VEX encoding (AVX-VNNI), which the CPUs of this path support.
 struct Vex;
 
 /// The EVEX encoding of AVX-512 VNNI with 256-bit vectors: the same operation, which this
@@ -68,7 +68,7 @@ struct Vex;
 #[cfg(test)]
 struct Evex;
 
-/// An encoding of the 256-bit `dpbusd`.
+/// An encoding of the 256-bit `dpbusd` instruction.
 trait DpbusdEncoding {
     unsafe fn dpbusd(sum: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i;
 }
