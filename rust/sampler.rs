@@ -1,6 +1,7 @@
 //! Picks the next token from logits: greedy, temperature, and top-p (nucleus) sampling.
 
 use crate::error::{Error, Result};
+use crate::model::ops;
 
 /// Sampling settings and the random generator state, which is part of what a saved session
 /// restores so that a resumed run draws the same numbers.
@@ -83,21 +84,19 @@ impl Sampler {
 
     /// Samples a token id. Fails if any logit is NaN or infinite.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if let Some((token, &value)) = logits.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        if !all_finite(logits) {
+            let (token, &value) = logits
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+                .expect("a logit is not finite");
             return Err(Error::NonFiniteLogits { token, value });
         }
         if self.temperature == 0.0 {
             return Ok(argmax(logits));
         }
 
-        // Softmax of logits / temperature.
-        self.probs.clear();
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let inv_t = 1.0 / self.temperature;
-        self.probs
-            .extend(logits.iter().map(|&v| ((v - max) * inv_t).exp()));
-        let sum: f32 = self.probs.iter().sum();
-        self.probs.iter_mut().for_each(|p| *p /= sum);
+        softmax_into(&mut self.probs, logits, 1.0 / self.temperature);
 
         let r = self.next_f32();
         if self.top_p >= 1.0 {
@@ -139,14 +138,75 @@ fn check_top_p(top_p: f32) -> Result<()> {
     )))
 }
 
+/// Returns whether every value is finite. The loop has no early exit, so that it vectorizes.
+fn all_finite(values: &[f32]) -> bool {
+    values
+        .iter()
+        .fold(true, |finite, v| finite & (v.abs() < f32::INFINITY))
+}
+
+/// Returns the index of the first largest value of `values`, which must not contain NaN.
+/// The first value equal to the maximum is the one a serial scan that keeps the first
+/// strictly larger value finds (zeros of both signs compare equal in both). Blocks of 64
+/// values are tested without an early exit, so that the search vectorizes.
 fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
+    let max = ops::max(values);
+    let block = values
+        .chunks(64)
+        .position(|b| b.iter().fold(false, |found, &v| found | (v == max)))
+        .unwrap_or(0);
+    let offset = values[block * 64..]
+        .iter()
+        .position(|&v| v == max)
+        .unwrap_or(0);
+    (block * 64 + offset) as u32
+}
+
+/// Sets `probs` to the softmax of `logits * inv_t`, shifted by the maximum for stability.
+/// `exp` is the vectorizing polynomial of the attention, so the loops run as wide as the CPU
+/// allows; every width gives the same bits.
+fn softmax_into(probs: &mut Vec<f32>, logits: &[f32], inv_t: f32) {
+    probs.clear();
+    probs.resize(logits.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports AVX-512 F (checked above).
+        return unsafe { softmax_avx512(probs, logits, inv_t) };
     }
-    best as u32
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { softmax_avx2(probs, logits, inv_t) };
+    }
+    softmax_body(probs, logits, inv_t)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(probs: &mut [f32], logits: &[f32], inv_t: f32) {
+    softmax_body(probs, logits, inv_t)
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(probs: &mut [f32], logits: &[f32], inv_t: f32) {
+    softmax_body(probs, logits, inv_t)
+}
+
+#[inline(always)]
+fn softmax_body(probs: &mut [f32], logits: &[f32], inv_t: f32) {
+    let max = ops::max(logits);
+    for (p, &v) in probs.iter_mut().zip(logits) {
+        *p = ops::exp((v - max) * inv_t);
+    }
+    let sum = ops::sum(probs);
+    for p in probs.iter_mut() {
+        *p /= sum;
+    }
 }
 
 /// Walks the cumulative distribution of `(token, prob)` pairs of total `mass` to `r * mass`.

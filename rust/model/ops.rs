@@ -131,6 +131,16 @@ pub fn softmax(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = exp(*v - max);
     }
+    let sum = sum(x);
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Returns the sum of `x`: eight running sums, added in `sum_lanes` order, then the values
+/// past the last multiple of eight in order. Unlike a serial sum, the loop vectorizes.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder();
@@ -143,9 +153,7 @@ pub fn softmax(x: &mut [f32]) {
     for v in tail {
         sum += v;
     }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
+    sum
 }
 
 /// Returns the largest value of `x`, ignoring NaN (negative infinity if empty). Eight running

@@ -121,3 +121,73 @@ fn rejects_nan_logits_and_bad_settings() {
     assert!(Sampler::new(3, 1.0, 1.5, 0).is_err());
     assert!(Sampler::new(3, 1.0, -0.1, 0).is_err());
 }
+
+/// The index a serial scan finds: the first value larger than every earlier one.
+fn argmax_by_scan(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn argmax_matches_serial_scan() {
+    let mut rng = Sampler::new(1, 1.0, 1.0, 11).unwrap();
+    // Lengths around the 64-value blocks; values from a few levels, so that ties are common.
+    for n in [1, 2, 63, 64, 65, 127, 128, 129, 1000, 32000] {
+        for levels in [2.0f32, 50.0, 1e6] {
+            let values: Vec<f32> = (0..n)
+                .map(|_| (rng.next_f32() * levels).floor() - levels / 2.0)
+                .collect();
+            assert_eq!(
+                argmax(&values),
+                argmax_by_scan(&values),
+                "n {n}, levels {levels}"
+            );
+        }
+        // The maximum only at the last position, and zeros of both signs tied at the top.
+        let mut values = vec![-1.0f32; n];
+        values[n - 1] = 0.5;
+        assert_eq!(argmax(&values), (n - 1) as u32);
+        values[n - 1] = 0.0;
+        values[n / 2] = -0.0;
+        assert_eq!(
+            argmax(&values),
+            argmax_by_scan(&values),
+            "signed zeros, n {n}"
+        );
+    }
+}
+
+#[test]
+fn finite_check_finds_every_position() {
+    for n in [1, 7, 8, 9, 100, 32000] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, n / 2, n - 1] {
+                let mut values = vec![1.0f32; n];
+                values[at] = bad;
+                assert!(!all_finite(&values), "{bad} at {at} of {n}");
+            }
+        }
+        assert!(all_finite(&vec![f32::MAX; n]));
+    }
+}
+
+#[test]
+fn softmax_widths_give_the_same_bits() {
+    let logits: Vec<f32> = (0..32003)
+        .map(|i| (i as f32 * 0.731).sin() * 20.0)
+        .collect();
+    for inv_t in [1.0f32, 0.3, 50.0] {
+        let mut dispatched = Vec::new();
+        softmax_into(&mut dispatched, &logits, inv_t);
+        let mut plain = vec![0.0; logits.len()];
+        softmax_body(&mut plain, &logits, inv_t);
+        assert_eq!(dispatched, plain, "inv_t {inv_t}");
+        let total: f32 = plain.iter().sum();
+        assert!((total - 1.0).abs() < 1e-3, "sum {total}");
+    }
+}
