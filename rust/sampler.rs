@@ -12,6 +12,8 @@ pub struct Sampler {
     rng: u64,
     probs: Vec<f32>,
     candidates: Vec<u32>,
+    /// The probabilities of `candidates`, in their order.
+    candidate_probs: Vec<f32>,
 }
 
 /// SplitMix64: spreads any seed, 0 included, over the whole state space of xorshift.
@@ -37,6 +39,7 @@ impl Sampler {
             rng: splitmix64(seed),
             probs: Vec::with_capacity(vocab_size),
             candidates: Vec::with_capacity(vocab_size),
+            candidate_probs: Vec::with_capacity(vocab_size),
         };
         sampler.configure(temperature, top_p)?;
         Ok(sampler)
@@ -100,23 +103,14 @@ impl Sampler {
 
         let r = self.next_f32();
         if self.top_p >= 1.0 {
-            return Ok(pick(
-                self.probs
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .map(|(i, p)| (i as u32, p)),
-                r,
-                1.0,
-            ));
+            return Ok(pick(&self.probs, r, 1.0) as u32);
         }
         let mass = nucleus(&self.probs, self.top_p, &mut self.candidates);
         let probs = &self.probs;
-        Ok(pick(
-            self.candidates.iter().map(|&i| (i, probs[i as usize])),
-            r,
-            mass,
-        ))
+        self.candidate_probs.clear();
+        self.candidate_probs
+            .extend(self.candidates.iter().map(|&i| probs[i as usize]));
+        Ok(self.candidates[pick(&self.candidate_probs, r, mass)])
     }
 }
 
@@ -209,19 +203,29 @@ fn softmax_body(probs: &mut [f32], logits: &[f32], inv_t: f32) {
     }
 }
 
-/// Walks the cumulative distribution of `(token, prob)` pairs of total `mass` to `r * mass`.
-fn pick(items: impl Iterator<Item = (u32, f32)>, r: f32, mass: f32) -> u32 {
+/// Returns the position in `probs` (of total `mass`) where the cumulative sum first exceeds
+/// `r * mass`. Blocks whose sum keeps it at or below that are skipped whole, and the block
+/// where it crosses is walked value by value. A serial walk over every value would have to
+/// wait on each addition in turn; the block sums vectorize. The two can differ only where
+/// the target lies within rounding of a block's end.
+fn pick(probs: &[f32], r: f32, mass: f32) -> usize {
+    const BLOCK: usize = 64;
     let target = r * mass;
     let mut cumulative = 0.0;
-    let mut last = 0;
-    for (token, p) in items {
-        cumulative += p;
-        last = token;
-        if target < cumulative {
-            return token;
+    for (b, block) in probs.chunks(BLOCK).enumerate() {
+        let block_sum = ops::sum(block);
+        if cumulative + block_sum <= target {
+            cumulative += block_sum;
+            continue;
+        }
+        for (i, &p) in block.iter().enumerate() {
+            cumulative += p;
+            if target < cumulative {
+                return b * BLOCK + i;
+            }
         }
     }
-    last // rounding left the cumulative sum just below the target
+    probs.len().saturating_sub(1) // rounding left the cumulative sum just below the target
 }
 
 /// Leaves in `candidates` the smallest set of most likely tokens whose mass reaches `top_p`

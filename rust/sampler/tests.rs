@@ -191,3 +191,35 @@ fn softmax_widths_give_the_same_bits() {
         assert!((total - 1.0).abs() < 1e-3, "sum {total}");
     }
 }
+
+#[test]
+fn pick_brackets_the_target() {
+    let mut rng = Sampler::new(1, 1.0, 1.0, 21).unwrap();
+    for n in [1, 63, 64, 65, 1000, 32000] {
+        for spread in [0.1f32, 3.0] {
+            let logits: Vec<f32> = (0..n).map(|_| rng.next_f32() * spread).collect();
+            let probs = softmax(&logits);
+            // Exact cumulative sums: f32 sums of 32,000 values drift by more than 1e-5.
+            let cumulative: Vec<f64> = probs
+                .iter()
+                .scan(0.0f64, |c, &p| {
+                    *c += p as f64;
+                    Some(*c)
+                })
+                .collect();
+            for _ in 0..200 {
+                let r = rng.next_f32();
+                let (i, target) = (pick(&probs, r, 1.0), r as f64);
+                let before = if i == 0 { 0.0 } else { cumulative[i - 1] };
+                assert!(before <= target + 1e-5, "n {n}, r {r}: {before} before {i}");
+                assert!(
+                    cumulative[i] > target - 1e-5,
+                    "n {n}, r {r}: {} at {i}",
+                    cumulative[i]
+                );
+            }
+            // A target past the total (rounding) takes the last value.
+            assert_eq!(pick(&probs, 1.0, 2.0), n - 1);
+        }
+    }
+}
