@@ -86,6 +86,18 @@ impl KernelPath {
         }
     }
 
+    /// Panics unless this CPU runs the path, so that no SIMD kernel runs where its instructions
+    /// are missing. [`Self::detect`] and [`Self::from_name`] return only supported paths, but
+    /// the variants themselves are public.
+    #[inline]
+    fn check_supported(self) {
+        assert!(
+            self.is_supported(),
+            "kernel path {} is not supported by this CPU",
+            self.name()
+        );
+    }
+
     /// Returns the fastest path this CPU supports.
     pub fn detect() -> KernelPath {
         [
@@ -132,11 +144,11 @@ impl KernelPath {
         let cols = x.q.len();
         debug_assert_eq!(w_q.len(), out.len() * cols);
         debug_assert_eq!(w_scales.len() * x.group_size, w_q.len());
+        self.check_supported();
         match self {
             KernelPath::Generic => generic::matvec_q8(out, w_q, w_scales, x),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a path other than Generic is only constructed through `detect` or
-            // `from_name`, which check that the CPU supports it.
+            // SAFETY: `check_supported` passed above.
             KernelPath::Avx2 | KernelPath::AvxVnni => unsafe {
                 x86::matvec_q8_avx2(out, w_q, w_scales, x)
             },
@@ -175,6 +187,7 @@ impl KernelPath {
             "{} does not run packed weights",
             self.name()
         );
+        self.check_supported();
         assert!(
             panels.start <= panels.end && panels.end <= w.panels(),
             "panels out of range"
@@ -189,15 +202,19 @@ impl KernelPath {
             out.len() >= (xs.len() - 1) * stride + rows,
             "matmul output too short"
         );
+        let groups = w.cols / w.group_size;
         for x in xs {
             assert!(
-                x.q.len() == w.cols && x.group_size == w.group_size,
+                x.q.len() == w.cols
+                    && x.group_size == w.group_size
+                    && x.scales.len() == groups
+                    && x.sums.len() == groups,
                 "input shape mismatch"
             );
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `packs` is true, so this is an x86 path, which was checked against the CPU
-        // when it was constructed. The shapes and lengths were asserted above.
+        // SAFETY: `packs` is true, so this is an x86 path, and `check_supported` passed. The
+        // shapes and lengths were asserted above.
         unsafe {
             match self {
                 KernelPath::Avx512Vnni => x86_packed::matmul_packed(out, stride, w, panels, xs),
@@ -283,8 +300,9 @@ impl KernelPath {
         if gs == 0 || !x.len().is_multiple_of(gs) {
             return xq.quantize_from(x);
         }
-        // SAFETY (both arms): the path was checked against the CPU when it was constructed
-        // (AVX-512 F and BW, or AVX2), and the group size is checked in the arm's guard.
+        self.check_supported();
+        // SAFETY (both arms): `check_supported` passed (AVX-512 F and BW, or AVX2), and the
+        // group size is checked in the arm's guard.
         match self {
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx512Vnni if gs.is_multiple_of(16) => unsafe {

@@ -1,5 +1,5 @@
-//! Q8_0 weights rearranged for the packed kernels: AVX-512 VNNI, and AVX2, which takes each
-//! panel as two halves of eight rows (`super::x86_packed_avx2`).
+//! Q8_0 weights rearranged for the packed kernels: AVX-512 VNNI, and AVX2 and AVX-VNNI, which
+//! take each panel as two halves of eight rows (`super::x86_packed_avx2`).
 //!
 //! A panel has 16 consecutive rows. Within a panel, each group of `group_size` columns is
 //! stored as `group_size / 4` blocks of 64 bytes, and block k has columns `4k..4k + 4` of
@@ -169,7 +169,8 @@ impl PackedQ8 {
     /// lines already in cache. Input by input over a run, the stores fill whole lines in
     /// order, and the run's weights are read again from L2 for each input tile.
     pub(super) fn panel_runs(&self, panels: Range<usize>) -> impl Iterator<Item = Range<usize>> {
-        let per_run = (RUN_BYTES / self.panel_bytes()).max(1);
+        // A matrix without columns has empty panels, one run of them all.
+        let per_run = (RUN_BYTES / self.panel_bytes().max(1)).max(1);
         let end = panels.end;
         panels
             .step_by(per_run)

@@ -367,23 +367,90 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{name} differs for {rows}x{cols} gs {gs}, {n} inputs");
 
-                // A range of panels writes only its own rows, starting at the first of them.
-                if packed.panels() > 1 {
-                    let mut part = vec![f32::NAN; (n - 1) * stride + rows - PANEL];
-                    kernel(&mut part, stride, &packed, 1..packed.panels(), &xs);
-                    for b in 0..n {
-                        for r in PANEL..rows {
-                            let (got, want) =
-                                (part[b * stride + r - PANEL], expected[b * stride + r]);
-                            assert_eq!(
-                                got.to_bits(),
-                                want.to_bits(),
-                                "{name} panel range, row {r}"
-                            );
+                // A range of panels writes only its own rows, starting at the first of them:
+                // the ranges after the first panel and before the last, which with 2048
+                // columns start or end inside a run of panels.
+                let panels = packed.panels();
+                for range in [1..panels, 0..panels - 1, 1..panels - 1] {
+                    if range.is_empty() {
+                        continue;
+                    }
+                    let first = range.start * PANEL;
+                    let end = (range.end * PANEL).min(rows);
+                    let mut part = vec![f32::NAN; (n - 1) * stride + end - first];
+                    kernel(&mut part, stride, &packed, range.clone(), &xs);
+                    for (i, got) in part.iter().enumerate() {
+                        let (b, r) = (i / stride, first + i % stride);
+                        if r < end {
+                            let want = expected[b * stride + r];
+                            assert_eq!(got.to_bits(), want.to_bits(), "{name} {range:?}, row {r}");
+                        } else {
+                            assert!(got.is_nan(), "{name} {range:?} wrote between inputs");
                         }
                     }
                 }
             }
         }
+    }
+}
+
+#[test]
+fn packed_zero_columns_give_zero_rows() {
+    let packed = PackedQ8::new(&[], &[], 5, 0, 4);
+    let x = QuantizedVec {
+        group_size: 4,
+        ..QuantizedVec::default()
+    };
+    for (name, kernel) in packed_kernels() {
+        let mut out = vec![f32::NAN; 5];
+        kernel(&mut out, 5, &packed, 0..1, std::slice::from_ref(&x));
+        assert_eq!(out, vec![0.0; 5], "{name}");
+    }
+}
+
+#[test]
+fn packed_inputs_without_their_scales_are_rejected() {
+    let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
+        eprintln!("no packed path on this CPU");
+        return;
+    };
+    let mut rng = Lcg(5);
+    let (w_q, w_s, x) = random_case(&mut rng, 16, 64, 32);
+    let packed = PackedQ8::new(&w_q, &w_s, 16, 64, 32);
+    let short_scales = QuantizedVec {
+        scales: vec![1.0],
+        ..x.clone()
+    };
+    let short_sums = QuantizedVec {
+        sums: vec![],
+        ..x.clone()
+    };
+    for bad in [short_scales, short_sums] {
+        let result = std::panic::catch_unwind(|| {
+            let mut out = vec![0.0; 16];
+            path.matmul_packed(&mut out, 16, &packed, 0..1, &[bad]);
+        });
+        let message = result.expect_err("a short input must be rejected");
+        assert_eq!(
+            message.downcast_ref::<&str>(),
+            Some(&"input shape mismatch")
+        );
+    }
+}
+
+#[test]
+fn unsupported_paths_panic_instead_of_running() {
+    for path in KernelPath::ALL.into_iter().filter(|p| !p.is_supported()) {
+        let x = QuantizedVec {
+            q: vec![1; 32],
+            scales: vec![1.0],
+            sums: vec![32],
+            group_size: 32,
+        };
+        let result = std::panic::catch_unwind(|| {
+            let mut out = [0.0f32; 1];
+            path.matvec_q8(&mut out, &[1; 32], &[1.0], &x);
+        });
+        assert!(result.is_err(), "{} ran on a CPU without it", path.name());
     }
 }

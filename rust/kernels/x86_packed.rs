@@ -159,7 +159,7 @@ unsafe fn panels<const GS: usize>(
             // SAFETY: the caller sized `out` for every input and row of these panels, and
             // each input has `cols` values and `groups` scales and sums.
             unsafe {
-                macro_rules! run {
+                macro_rules! tile {
                     ($b:literal) => {{
                         let tile = Tile::<$b> {
                             q: std::array::from_fn(|i| xs[b0 + i].q.as_ptr()),
@@ -174,10 +174,10 @@ unsafe fn panels<const GS: usize>(
                     }};
                 }
                 match count {
-                    1 => run!(1),
-                    2 => run!(2),
-                    3 => run!(3),
-                    _ => run!(4),
+                    1 => tile!(1),
+                    2 => tile!(2),
+                    3 => tile!(3),
+                    _ => tile!(4),
                 }
             }
             b0 += count;

@@ -36,7 +36,8 @@ trait HalfBlock {
     unsafe fn add(sum: __m256i, stored: __m256i, x: __m256i) -> __m256i;
 }
 
-/// AVX2: `maddubs` and `madd` on `|w|` and `x * sign(w)`.
+/// AVX2: `maddubs` and `madd` on `|w|` and `x * sign(w)`. Activations are never -128 (the
+/// quantizer's range is +-127), which `sign` could not negate.
 struct Maddubs;
 
 impl HalfBlock for Maddubs {
@@ -280,8 +281,8 @@ unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
         let mut acc = [_mm256_setzero_ps(); 2];
         for g in (lane..groups).step_by(LANES) {
             let xp = x.q.as_ptr().add(g * gs);
-            // Two chains per half (even and odd blocks), so that a `dpbusd` waits on the
-            // latency of half as many. Integer sums are exact in any order.
+            // Two chains per half (even and odd blocks), so that each step waits on the
+            // latency of half as many before it. Integer sums are exact in any order.
             let start = D::start(*x.sums.get_unchecked(g));
             let mut even = [start; 2];
             let mut odd = [_mm256_setzero_si256(); 2];
