@@ -153,6 +153,8 @@ unsafe fn panels<const GS: usize>(
 ) {
     let first_row = panels.start * PANEL;
     for run in w.panel_runs(panels) {
+        // The run's first row in the outputs of each input.
+        let row = run.start * PANEL - first_row;
         let mut b0 = 0;
         while b0 < xs.len() {
             let count = (xs.len() - b0).min(INPUTS);
@@ -166,7 +168,6 @@ unsafe fn panels<const GS: usize>(
                             scales: std::array::from_fn(|i| xs[b0 + i].scales.as_ptr()),
                             sums: std::array::from_fn(|i| xs[b0 + i].sums.as_ptr()),
                             out: std::array::from_fn(|i| {
-                                let row = run.start * PANEL - first_row;
                                 out.as_mut_ptr().add((b0 + i) * stride + row)
                             }),
                         };
