@@ -289,8 +289,8 @@ fn quantize_long_rows_matches_scalar() {
 /// A packed kernel: `out`, `stride`, weights, panels, inputs.
 type PackedKernel = Box<dyn Fn(&mut [f32], usize, &PackedQ8, Range<usize>, &[QuantizedVec])>;
 
-/// Every packed kernel this CPU runs, by name: those of the paths that pack, and the AVX-VNNI
-/// kernel's steps with the AVX-512 encoding of `dpbusd`, which CPUs without AVX-VNNI run.
+/// Returns every packed kernel this CPU runs, by name: those of the paths that pack, and the
+/// AVX-VNNI kernel with the AVX-512 encoding of `dpbusd`, which CPUs without AVX-VNNI run.
 fn packed_kernels() -> Vec<(String, PackedKernel)> {
     let mut kernels: Vec<(String, PackedKernel)> = KernelPath::supported()
         .into_iter()

@@ -122,7 +122,7 @@ fn rejects_nan_logits_and_bad_settings() {
     assert!(Sampler::new(3, 1.0, -0.1, 0).is_err());
 }
 
-/// The index a serial scan finds: the first value larger than every earlier one.
+/// Returns the index a serial scan finds: the first value larger than every earlier one.
 fn argmax_by_scan(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
