@@ -7,8 +7,7 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
+use super::fork;
 use super::ops::{dot, softmax};
 use crate::config::Config;
 
@@ -59,14 +58,17 @@ pub(super) fn attention_parts(
 ) {
     let (n, head_size) = (row + 1, c.head_size());
     let per_part = c.n_heads.div_ceil(parts.clamp(1, c.n_heads));
-    out[..c.dim]
-        .par_chunks_mut(per_part * head_size)
-        .zip(scores[..c.n_heads * n].par_chunks_mut(per_part * n))
-        .enumerate()
-        .for_each(|(i, (out, scores))| {
+    let (out, scores) = (&mut out[..c.dim], &mut scores[..c.n_heads * n]);
+    fork::for_each_chunk_pair(
+        out,
+        per_part * head_size,
+        scores,
+        per_part * n,
+        &|i, out, scores| {
             let heads = i * per_part..((i + 1) * per_part).min(c.n_heads);
             attention(q, keys, values, row, c, heads, out, scores);
-        });
+        },
+    );
 }
 
 /// Attention of `TILE` consecutive queries, query `j` (`queries[j * dim..]`) at window row

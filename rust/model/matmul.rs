@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::Transformer;
+use super::{fork, Transformer};
 use crate::kernels::{self, PackedQ8, QuantizedVec, PANEL};
 use crate::weights::{Matrix, MatrixData};
 
@@ -39,9 +39,9 @@ impl Transformer {
             .rows
             .div_ceil(self.threads * TASKS_PER_THREAD)
             .max(MIN_ROWS_PER_TASK);
-        out.par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(i, out)| self.matvec_rows(out, w, i * block, x, xq));
+        fork::for_each_chunk(out, block, &|i, out| {
+            self.matvec_rows(out, w, i * block, x, xq)
+        });
     }
 
     fn matvec_packed(&self, out: &mut [f32], w: &Matrix, packed: &PackedQ8, xq: &QuantizedVec) {
@@ -54,13 +54,11 @@ impl Transformer {
         let per_task = panels
             .div_ceil(self.threads * TASKS_PER_THREAD)
             .max(MIN_ROWS_PER_TASK.div_ceil(PANEL));
-        out.par_chunks_mut(per_task * PANEL)
-            .enumerate()
-            .for_each(|(i, out)| {
-                let first = i * per_task;
-                let range = first..(first + per_task).min(panels);
-                self.kernel.matmul_packed(out, 0, packed, range, xs);
-            });
+        fork::for_each_chunk(out, per_task * PANEL, &|i, out| {
+            let first = i * per_task;
+            let range = first..(first + per_task).min(panels);
+            self.kernel.matmul_packed(out, 0, packed, range, xs);
+        });
     }
 
     /// `out[b] = W x[b]` for `n` inputs: `out` is (n, rows), `x` is (n, cols).

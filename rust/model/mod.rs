@@ -4,6 +4,7 @@ mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_x86;
 mod ffn;
+mod fork;
 mod forward;
 mod governor;
 mod matmul;
@@ -201,7 +202,7 @@ impl Transformer {
         b: impl FnOnce() -> B + Send,
     ) -> (A, B) {
         if self.parallel() {
-            rayon::join(a, b)
+            fork::join(a, b)
         } else {
             (a(), b())
         }
