@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::packed::{PackedQ8, LANE_ORDER, PANEL};
+use super::packed::{PackedQ8, LANE_ORDER, PANEL, PREFETCH_AHEAD};
 use super::{QuantizedVec, LANES};
 
 /// Activation vectors that share each block load. Each keeps its int32 group sums, its lane
@@ -107,6 +107,12 @@ unsafe fn lane_sums<const B: usize, const GS: usize>(
             let x: [*const i8; B] = std::array::from_fn(|b| tile.q[b].add(g * gs));
             let blocks = gs / 4;
             for k in (0..blocks - blocks % 2).step_by(2) {
+                if B == 1 {
+                    // One input streams the weights from memory, a tile reads them from L2.
+                    let ahead = wp.wrapping_add(k * block_bytes + PREFETCH_AHEAD);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(block_bytes) as *const i8);
+                }
                 let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
                 let wv2 = _mm512_loadu_si512(wp.add((k + 1) * block_bytes) as *const __m512i);
                 for b in 0..B {

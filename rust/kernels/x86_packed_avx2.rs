@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 use std::ops::Range;
 
-use super::packed::{PackedQ8, LANE_ORDER, PANEL};
+use super::packed::{PackedQ8, LANE_ORDER, PANEL, PREFETCH_AHEAD};
 use super::{QuantizedVec, LANES};
 
 /// Rows 0-7 and rows 8-15 of a panel.
@@ -128,8 +128,9 @@ pub unsafe fn matmul_packed(
 ///
 /// # Safety
 /// As for [`matmul_packed`], and the CPU must support AVX-VNNI.
-/// NOTE: no CPU that this project is tested on has AVX-VNNI. The tests run this kernel's
-/// steps with the EVEX encoding of the same instruction ([`matmul_packed_evex`]).
+/// The tests run it where the CPU has AVX-VNNI (as a Xeon with AVX-512 and AMX does), and
+/// its steps with the EVEX encoding of the same instruction ([`matmul_packed_evex`]) on
+/// CPUs with AVX-512 VNNI only.
 #[target_feature(enable = "avx2,avxvnni")]
 pub unsafe fn matmul_packed_vnni(
     out: &mut [f32],
@@ -287,11 +288,13 @@ unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
             let mut even = [start; 2];
             let mut odd = [_mm256_setzero_si256(); 2];
             for k in 0..gs / 4 {
+                let block = at.w.add(k * block_bytes);
+                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_AHEAD) as *const i8);
                 // The four activation bytes of this block's columns, in every row's lane.
                 let xv = _mm256_set1_epi32((xp.add(4 * k) as *const i32).read_unaligned());
                 let sums = if k % 2 == 0 { &mut even } else { &mut odd };
                 for (h, sum) in sums.iter_mut().enumerate() {
-                    let stored = _mm256_loadu_si256(at.w.add(k * block_bytes + 32 * h) as *const _);
+                    let stored = _mm256_loadu_si256(block.add(32 * h) as *const _);
                     *sum = D::add(*sum, stored, xv);
                 }
             }
