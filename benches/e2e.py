@@ -240,7 +240,7 @@ def run_llama2rnn_worker(task: Dict) -> Dict:
 class LlamaCpp:
     """A llama.cpp model and context driven through llama-cpp-python's C bindings."""
 
-    def __init__(self, path: str, threads: int, context: int):
+    def __init__(self, path: str, threads: int, context: int, extra_buffers: bool = True):
         import llama_cpp
 
         self.lib = llama_cpp
@@ -249,6 +249,8 @@ class LlamaCpp:
         llama_cpp.llama_log_set(self._log_callback, None)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
+        # The extra buffer types hold weights for llama.cpp's AMX and repacked-weight kernels.
+        model_params.use_extra_bufts = extra_buffers
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp failed to load {path}")
@@ -314,7 +316,7 @@ class LlamaCpp:
 def run_llama_cpp_worker(task: Dict) -> Dict:
     rss_before_kib = proc_status_kib("VmRSS")
     start = time.perf_counter()
-    llama = LlamaCpp(task["path"], task["threads"], LLAMA_CPP_CONTEXT)
+    llama = LlamaCpp(task["path"], task["threads"], LLAMA_CPP_CONTEXT, task["extra_buffers"])
     result: Dict[str, Any] = {
         "load_s": time.perf_counter() - start,
         "flash_attn_type": llama.flash_attn_type,
@@ -440,8 +442,16 @@ def worker_main(task_json: str) -> None:
 # Orchestration in the parent process
 
 
+# Whether llama.cpp workers use its extra buffer types. The first llama.cpp worker that dies
+# from a signal while using them (llama.cpp's AMX kernels crash on some virtual machines that
+# report AMX) turns them off for the rest of the run, and the report says so.
+LLAMA_CPP_OPTIONS = {"extra_buffers": True}
+
+
 def run_worker(task: Dict) -> Optional[Dict]:
     """Run `task` in a fresh process and return its result, or None if the process failed."""
+    if task["kind"] == "llama.cpp":
+        task = {**task, "extra_buffers": LLAMA_CPP_OPTIONS["extra_buffers"]}
     command = [sys.executable, str(SCRIPT), "--worker", json.dumps(task)]
     # numpy's OpenBLAS starts a thread per core that polls while idle. Neither engine uses
     # BLAS, and at 2 threads on 2 cores that thread takes time from both.
@@ -451,6 +461,10 @@ def run_worker(task: Dict) -> Optional[Dict]:
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER) :])
     log(f"worker {task['kind']} failed with exit status {completed.returncode}: {task}")
+    if task["kind"] == "llama.cpp" and task["extra_buffers"] and completed.returncode < 0:
+        log("llama.cpp: retrying without its extra buffer types for the rest of the run")
+        LLAMA_CPP_OPTIONS["extra_buffers"] = False
+        return run_worker(task)
     return None
 
 
@@ -1378,6 +1392,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"llama.cpp system info: `{cpp_info['system_info']}`. Context {LLAMA_CPP_CONTEXT}, "
             f"n_batch = n_ubatch = {LLAMA_CPP_BATCH}, flash_attn_type "
             f"{cpp_info['flash_attn_type']} (the default), fp16 key/value cache.",
+            "",
+        ]
+    if not LLAMA_CPP_OPTIONS["extra_buffers"]:
+        lines += [
+            "A llama.cpp worker died from a signal with llama.cpp's extra buffer types, so "
+            "llama.cpp ran with `use_extra_bufts = false` (no AMX or repacked-weight kernels).",
             "",
         ]
     if "compare" in results:
