@@ -282,25 +282,52 @@ unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
         let mut acc = [_mm256_setzero_ps(); 2];
         for g in (lane..groups).step_by(LANES) {
             let xp = x.q.as_ptr().add(g * gs);
+            // The four activation bytes of block k's columns, in every row's lane.
+            let x4 = |k: usize| (xp.add(4 * k) as *const i32).read_unaligned();
             // Two chains per half (even and odd blocks), so that each step waits on the
-            // latency of half as many before it. Integer sums are exact in any order.
+            // latency of half as many before it. Integer sums are exact in any order. Named
+            // variables, not arrays picked per block, keep the chains in registers whether
+            // or not the compiler unrolls the loop.
             let start = D::start(*x.sums.get_unchecked(g));
-            let mut even = [start; 2];
-            let mut odd = [_mm256_setzero_si256(); 2];
-            for k in 0..gs / 4 {
+            let (mut even_low, mut even_high) = (start, start);
+            let (mut odd_low, mut odd_high) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            let blocks = gs / 4;
+            for k in (0..blocks - blocks % 2).step_by(2) {
                 let block = at.w.add(k * block_bytes);
-                _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_AHEAD) as *const i8);
-                // The four activation bytes of this block's columns, in every row's lane.
-                let xv = _mm256_set1_epi32((xp.add(4 * k) as *const i32).read_unaligned());
-                let sums = if k % 2 == 0 { &mut even } else { &mut odd };
-                for (h, sum) in sums.iter_mut().enumerate() {
-                    let stored = _mm256_loadu_si256(block.add(32 * h) as *const _);
-                    *sum = D::add(*sum, stored, xv);
-                }
+                let ahead = block.wrapping_add(PREFETCH_AHEAD);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(block_bytes) as *const i8);
+                let (x_even, x_odd) = (_mm256_set1_epi32(x4(k)), _mm256_set1_epi32(x4(k + 1)));
+                let next = block.add(block_bytes);
+                even_low = D::add(even_low, _mm256_loadu_si256(block as *const _), x_even);
+                even_high = D::add(
+                    even_high,
+                    _mm256_loadu_si256(block.add(32) as *const _),
+                    x_even,
+                );
+                odd_low = D::add(odd_low, _mm256_loadu_si256(next as *const _), x_odd);
+                odd_high = D::add(
+                    odd_high,
+                    _mm256_loadu_si256(next.add(32) as *const _),
+                    x_odd,
+                );
             }
+            if blocks % 2 == 1 {
+                let block = at.w.add((blocks - 1) * block_bytes);
+                let x_even = _mm256_set1_epi32(x4(blocks - 1));
+                even_low = D::add(even_low, _mm256_loadu_si256(block as *const _), x_even);
+                even_high = D::add(
+                    even_high,
+                    _mm256_loadu_si256(block.add(32) as *const _),
+                    x_even,
+                );
+            }
+            let sums = [
+                _mm256_add_epi32(even_low, odd_low),
+                _mm256_add_epi32(even_high, odd_high),
+            ];
             let x_scale = _mm256_set1_ps(*x.scales.get_unchecked(g));
-            for h in 0..2 {
-                let sum = _mm256_add_epi32(even[h], odd[h]);
+            for (h, sum) in sums.into_iter().enumerate() {
                 let w_scale = _mm256_loadu_ps(at.ws.add(8 * h));
                 let scaled =
                     _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sum), w_scale), x_scale);
