@@ -444,7 +444,7 @@ def worker_main(task_json: str) -> None:
 
 # Whether llama.cpp workers use its extra buffer types. The first llama.cpp worker that dies
 # from a signal while using them (llama.cpp's AMX kernels crash on some virtual machines that
-# report AMX) turns them off for the rest of the run, and the report says so.
+# report AMX) turns them off for the rest of the run, and the report notes it.
 LLAMA_CPP_OPTIONS = {"extra_buffers": True}
 
 

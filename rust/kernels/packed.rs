@@ -26,10 +26,10 @@ use super::LANES;
 /// Rows per panel: the f32 lanes of one 512-bit register.
 pub const PANEL: usize = 16;
 
-/// How far ahead of the block it reads a kernel asks for weight bytes. Panels lie one after
-/// another, so this is where the kernel will read a few hundred nanoseconds later. One input
-/// streaming weights from memory measured 20-40% faster with it on a Xeon, whose prefetchers
-/// alone kept too few lines in flight for a kernel that reads 64 bytes per step.
+/// How many bytes past the block it reads a kernel prefetches weights. Panels lie one after
+/// another, so these are the bytes the kernel reads a few hundred nanoseconds later. One input
+/// streaming weights from memory ran 12-40% faster with it on a Xeon, whose own prefetchers
+/// kept too few lines in flight.
 pub const PREFETCH_AHEAD: usize = 2048;
 
 /// A Q8_0 matrix in panel order; see the module documentation.

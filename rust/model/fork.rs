@@ -138,7 +138,8 @@ mod tests {
             let mut data = vec![usize::MAX; len];
             pool.install(|| {
                 for_each_chunk(&mut data, size, &|i, chunk| {
-                    assert!(chunk.len() <= size && !chunk.is_empty());
+                    assert!(!chunk.is_empty());
+                    assert!(chunk.len() <= size);
                     chunk.iter_mut().for_each(|x| *x = i);
                 })
             });
