@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -442,9 +443,10 @@ def worker_main(task_json: str) -> None:
 # Orchestration in the parent process
 
 
-# Whether llama.cpp workers use its extra buffer types. The first llama.cpp worker that dies
-# from a signal while using them (llama.cpp's AMX kernels crash on some virtual machines that
-# report AMX) turns them off for the rest of the run, and the report notes it.
+# Whether llama.cpp workers use its extra buffer types. The first llama.cpp worker that
+# crashes (SIGSEGV, SIGILL or SIGBUS) while using them turns them off for the rest of the
+# run, and the report notes it: llama.cpp's AMX kernels crash on some virtual machines that
+# report AMX.
 LLAMA_CPP_OPTIONS = {"extra_buffers": True}
 
 
@@ -461,7 +463,8 @@ def run_worker(task: Dict) -> Optional[Dict]:
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER) :])
     log(f"worker {task['kind']} failed with exit status {completed.returncode}: {task}")
-    if task["kind"] == "llama.cpp" and task["extra_buffers"] and completed.returncode < 0:
+    crashed = -completed.returncode in (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS)
+    if task["kind"] == "llama.cpp" and task["extra_buffers"] and crashed:
         log("llama.cpp: retrying without its extra buffer types for the rest of the run")
         LLAMA_CPP_OPTIONS["extra_buffers"] = False
         return run_worker(task)
@@ -1396,7 +1399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ]
     if not LLAMA_CPP_OPTIONS["extra_buffers"]:
         lines += [
-            "A llama.cpp worker died from a signal with llama.cpp's extra buffer types, so "
+            "A llama.cpp worker crashed with llama.cpp's extra buffer types, so "
             "llama.cpp ran with `use_extra_bufts = false` (no AMX or repacked-weight kernels).",
             "",
         ]

@@ -5,12 +5,12 @@
 //! finishes the stolen one, rayon's `join` waits in the pool's idle loop, which yields the
 //! core to any other runnable thread. If another process keeps that core busy, the yield
 //! hands it a whole scheduler tick (4 ms here), and a decode step with dozens of forks takes
-//! 20-200 ms instead of 0.4-6. So [`join`] first waits for the stolen half by spinning and
-//! taking its forks where it can, without yielding the core, for up to four
-//! times as long as its own half took, and only then waits the rayon way. The halves of a
-//! fork differ by up to twice (one product beside two), so a stolen half that started about
-//! when its own did is done by then, unless its thread lost its core; and then the spin
-//! costs less than the tick a yield would.
+//! 20-200 ms instead of 0.4-6. So [`join`] first waits for the stolen half by spinning, and
+//! by taking the stolen half's own forks where it can, without yielding the core, for up to
+//! four times as long as its own half took. Only then does it wait the rayon way. The halves
+//! of a fork differ by up to twice (one product beside two), so a stolen half that started
+//! about when its own did is done by then, unless its thread lost its core; and then the
+//! spin costs less than the tick a yield would.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -49,11 +49,20 @@ where
         },
         || {
             started.store(true, Ordering::Release);
-            let rb = b();
-            done.store(true, Ordering::Release);
-            rb
+            // Marks `b` done also when it panics, so that `a` does not spin on it.
+            let _done = SetOnDrop(&done);
+            b()
         },
     )
+}
+
+/// Sets its flag when dropped, on return or unwinding.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Runs `f(i, chunk)` for every chunk `i` of `size` elements of `data` (the last one may be
@@ -117,7 +126,12 @@ pub(super) fn for_each_chunk_pair<A: Send, B: Send>(
             || split(a_right, b_right, sizes, first + half, f),
         );
     }
-    split(a, b, (a_size.max(1), b_size.max(1)), 0, f)
+    let sizes = (a_size.max(1), b_size.max(1));
+    debug_assert!(
+        b.len() + sizes.1 > a.len().div_ceil(sizes.0) * sizes.1,
+        "b has no chunk for some chunk of a"
+    );
+    split(a, b, sizes, 0, f)
 }
 
 #[cfg(test)]
@@ -161,6 +175,24 @@ mod tests {
         assert_eq!(a, [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]);
         let expected: Vec<usize> = (0..17).map(|j| j / 3 + 1).collect();
         assert_eq!(b, expected);
+    }
+
+    /// A stolen half that panics at once does not leave the other half spinning for its
+    /// whole limit.
+    #[test]
+    fn a_panicking_half_ends_the_spin() {
+        let pool = pool();
+        let start = Instant::now();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| {
+                join(
+                    || std::thread::sleep(Duration::from_millis(200)),
+                    || -> u8 { panic!("b failed") },
+                )
+            })
+        }));
+        assert!(caught.is_err());
+        assert!(start.elapsed() < Duration::from_millis(600));
     }
 
     #[test]
