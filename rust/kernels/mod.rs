@@ -144,6 +144,7 @@ impl KernelPath {
         let cols = x.q.len();
         debug_assert_eq!(w_q.len(), out.len() * cols);
         debug_assert_eq!(w_scales.len() * x.group_size, w_q.len());
+        debug_assert!(!x.q.contains(&i8::MIN), "activations lie in -127..=127");
         self.check_supported();
         match self {
             KernelPath::Generic => generic::matvec_q8(out, w_q, w_scales, x),
@@ -211,6 +212,7 @@ impl KernelPath {
                     && x.sums.len() == groups,
                 "input shape mismatch"
             );
+            debug_assert!(!x.q.contains(&i8::MIN), "activations lie in -127..=127");
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `packs` is true, so this is an x86 path, and `check_supported` passed. The
@@ -239,6 +241,8 @@ pub use generic::{dot_f32, sum_lanes};
 /// An activation vector quantized to Q8_0.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedVec {
+    /// The int8 values, in -127..=127 as the quantizer makes them: the AVX2 kernels negate
+    /// activations with `sign`, which cannot negate -128.
     pub q: Vec<i8>,
     pub scales: Vec<f32>,
     /// The sum of each group's int8 values, for the correction of the packed kernels.
