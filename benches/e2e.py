@@ -25,7 +25,7 @@ compare
     same prompt and step count, prompt processing tokens/s, load time and peak RSS.
 busy
     The same decode with a busy-loop child process keeping one core busy: 2 threads
-    against 1 thread, for both engines.
+    against 1 thread, for both engines, alternating 1 and 2 threads round by round.
 roof
     Read bandwidth (numpy reductions over a 1 GiB array, 1 and 2 threads, best of
     ``--roof-repeats`` passes) and the decode roof of the 110M shape: bandwidth / bytes
@@ -693,13 +693,17 @@ def section_busy(models: Dict[str, ModelFiles], settings: Settings, with_cpp: bo
     log(f"busy: started busy-loop process {busy.pid}")
     try:
         time.sleep(0.5)
+        rounds = settings.busy_rounds
         for name, files in models.items():
-            results[name] = {}
-            for threads in (1, 2):
-                log(f"busy: {name}, {threads} thread(s)")
-                results[name][threads] = compare_rounds(
-                    files, threads, settings, settings.busy_rounds, ("decode",), with_cpp
-                )
+            results[name] = {t: {"llama2rnn": [], "llama.cpp": []} for t in (1, 2)}
+            # 1 and 2 threads alternate round by round, so that a drift in what the busy
+            # loop takes from the machine falls on both.
+            for round_index in range(rounds):
+                for threads in (1, 2):
+                    log(f"busy: {name}, {threads} thread(s), round {round_index + 1}/{rounds}")
+                    one = compare_rounds(files, threads, settings, 1, ("decode",), with_cpp)
+                    for engine, runs in one.items():
+                        results[name][threads][engine] += runs
     finally:
         busy.terminate()
         busy.wait()
