@@ -180,7 +180,7 @@ mod tests {
     /// A stolen half that panics at once does not leave the other half spinning for its
     /// whole limit.
     #[test]
-    fn a_panicking_half_ends_the_spin() {
+    fn join_panic_in_stolen_half_ends_spin() {
         let pool = pool();
         let start = Instant::now();
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
