@@ -940,11 +940,20 @@ def report_busy(busy: Dict) -> List[str]:
             rate1 = summarize(single[engine], "decode_greedy")
             rate2 = summarize(dual[engine], "decode_greedy") if dual else None
             speedup = rate2 / rate1 if rate1 and rate2 else None
-            rows.append([name, engine, fmt(rate1), fmt(rate2), fmt(speedup, 2, "x")])
+            # Rounds alternate 1 and 2 threads, so round i of each forms a pair.
+            pairs = [
+                ratio(two, one, "decode_greedy")
+                for one, two in zip(single[engine], dual[engine] if dual else [])
+            ]
+            pairs = [r for r in pairs if r is not None]
+            spread = f"{min(pairs):.2f}-{max(pairs):.2f}x" if pairs else "n/a"
+            rows.append([name, engine, fmt(rate1), fmt(rate2), fmt(speedup, 2, "x"), spread])
+    header = ["shape", "engine", "1 thread", "2 threads", "2 threads / 1 thread", "per round"]
     return [
-        "### Decode with one core kept busy by another process (greedy, tokens/s)",
+        "### Decode with one core kept busy by another process (greedy, tokens/s; medians, "
+        "and the ratio of each round's pair)",
         "",
-        table(["shape", "engine", "1 thread", "2 threads", "2 threads / 1 thread"], rows),
+        table(header, rows),
         "",
     ]
 
