@@ -701,8 +701,10 @@ def section_busy(models: Dict[str, ModelFiles], settings: Settings, with_cpp: bo
             for round_index in range(rounds):
                 for threads in (1, 2):
                     log(f"busy: {name}, {threads} thread(s), round {round_index + 1}/{rounds}")
-                    one = compare_rounds(files, threads, settings, 1, ("decode",), with_cpp)
-                    for engine, runs in one.items():
+                    round_runs = compare_rounds(
+                        files, threads, settings, 1, ("decode",), with_cpp
+                    )
+                    for engine, runs in round_runs.items():
                         results[name][threads][engine] += runs
     finally:
         busy.terminate()
@@ -942,8 +944,8 @@ def report_busy(busy: Dict) -> List[str]:
             speedup = rate2 / rate1 if rate1 and rate2 else None
             # Rounds alternate 1 and 2 threads, so round i of each forms a pair.
             pairs = [
-                ratio(two, one, "decode_greedy")
-                for one, two in zip(single[engine], dual[engine] if dual else [])
+                ratio(dual_run, single_run, "decode_greedy")
+                for single_run, dual_run in zip(single[engine], dual[engine] if dual else [])
             ]
             pairs = [r for r in pairs if r is not None]
             spread = f"{min(pairs):.2f}-{max(pairs):.2f}x" if pairs else "n/a"

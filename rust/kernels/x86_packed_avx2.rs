@@ -19,7 +19,8 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 use std::ops::Range;
 
-use super::packed::{PackedQ8, LANE_ORDER, PANEL, PREFETCH_AHEAD};
+use super::packed::{PackedQ8, LANE_ORDER, PANEL};
+use super::x86_packed::prefetch_two_blocks;
 use super::{QuantizedVec, LANES};
 
 /// Rows 0-7 and rows 8-15 of a panel.
@@ -282,8 +283,8 @@ unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
         let mut acc = [_mm256_setzero_ps(); 2];
         for g in (lane..groups).step_by(LANES) {
             let xp = x.q.as_ptr().add(g * gs);
-            // The four activation bytes of block k's columns, in every row's lane.
-            let x4 = |k: usize| (xp.add(4 * k) as *const i32).read_unaligned();
+            // The four activation bytes of block k's columns, as one i32.
+            let column_bytes = |k: usize| (xp.add(4 * k) as *const i32).read_unaligned();
             // Two chains per half (even and odd blocks), so that each step waits on the
             // latency of half as many before it. Integer sums are exact in any order. Named
             // variables, not arrays picked per block, keep the chains in registers whether
@@ -294,10 +295,11 @@ unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
             let blocks = gs / 4;
             for k in (0..blocks - blocks % 2).step_by(2) {
                 let block = at.w.add(k * block_bytes);
-                let ahead = block.wrapping_add(PREFETCH_AHEAD);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(block_bytes) as *const i8);
-                let (x_even, x_odd) = (_mm256_set1_epi32(x4(k)), _mm256_set1_epi32(x4(k + 1)));
+                prefetch_two_blocks(block);
+                let (x_even, x_odd) = (
+                    _mm256_set1_epi32(column_bytes(k)),
+                    _mm256_set1_epi32(column_bytes(k + 1)),
+                );
                 let next = block.add(block_bytes);
                 even_low = D::add(even_low, _mm256_loadu_si256(block as *const _), x_even);
                 even_high = D::add(
@@ -314,7 +316,7 @@ unsafe fn lane_sums<D: HalfBlock, const GS: usize>(
             }
             if blocks % 2 == 1 {
                 let block = at.w.add((blocks - 1) * block_bytes);
-                let x_even = _mm256_set1_epi32(x4(blocks - 1));
+                let x_even = _mm256_set1_epi32(column_bytes(blocks - 1));
                 even_low = D::add(even_low, _mm256_loadu_si256(block as *const _), x_even);
                 even_high = D::add(
                     even_high,

@@ -9,13 +9,14 @@
 //! by taking the stolen half's own forks where it can, without yielding the core, for up to
 //! four times as long as its own half took. Only then does it wait the rayon way. The halves
 //! of a fork differ by up to twice (one product beside two), so a stolen half that started
-//! about when its own did is done by then, unless its thread lost its core; and then the
-//! spin costs less than the tick a yield would.
+//! about when its own did is done by then. If it is not, its thread has lost its core, and
+//! the spin still costs less than the tick a yield would.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Added to every spin on a stolen half: a waking thread needs about this long to start it.
+/// Added to every spin on a stolen half, because a waking thread needs about this long to
+/// start it.
 const MIN_SPIN: Duration = Duration::from_micros(20);
 /// A spin on a stolen half lasts up to this many times the thread's own half.
 const SPIN_FACTOR: u32 = 4;
