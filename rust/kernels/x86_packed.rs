@@ -120,7 +120,7 @@ unsafe fn lane_sums<const B: usize, const GS: usize>(
             let blocks = gs / 4;
             for k in (0..blocks - blocks % 2).step_by(2) {
                 if B == 1 {
-                    // One input streams the weights from memory, a tile reads them from L2.
+                    // One input streams the weights from memory, but a tile reads them from L2.
                     prefetch_two_blocks(wp.add(k * block_bytes));
                 }
                 let wv = _mm512_loadu_si512(wp.add(k * block_bytes) as *const __m512i);
