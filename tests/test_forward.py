@@ -183,6 +183,36 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
                 )
 
 
+def test_kernel_paths_agree_exactly_on_batches(tmp_path):
+    # M 27: prefill chunks and memory updates multiply 27 rows at once, which the amx path
+    # takes as a full tile of 16 and a padded one of 11; the tokens cross two updates.
+    config = Config(
+        dim=128,
+        hidden_dim=384,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=300,
+        seq_len=128,
+        mem_len=27,
+    )
+    for group_size in (64, 32):
+        path = tmp_path / f"gs{group_size}.bin"
+        checkpoint.write_llama2rnn(
+            path, config, checkpoint.random_weights(config, seed=5), group_size=group_size
+        )
+        tokens = token_stream(2 * config.mem_len + 5, config.vocab_size, seed=2)
+        expected = run_tokens(Model.load(path, threads=1, kernel="generic"), tokens)[-1]
+        for kernel in llama2rnn.supported_kernels():
+            for threads in (1, 2):
+                model = Model.load(path, threads=threads, kernel=kernel)
+                model.feed(tokens[:-1])
+                got = model.forward(tokens[-1])
+                assert np.array_equal(got, expected), (
+                    f"{kernel} with {threads} threads, gs {group_size}"
+                )
+
+
 @pytest.mark.parametrize("mode", ["chunk", "token"])
 def test_memory_update_splits_agree_exactly(tmp_path, mode):
     # M 40 splits an update on the pool into tasks of 16, 16 and 8 slots per layer at 2

@@ -289,8 +289,10 @@ fn quantize_long_rows_matches_scalar() {
 /// A packed kernel: `out`, `stride`, weights, panels, inputs.
 type PackedKernel = Box<dyn Fn(&mut [f32], usize, &PackedQ8, Range<usize>, &[QuantizedVec])>;
 
-/// Returns every packed kernel this CPU runs, by name: those of the paths that pack, and the
-/// AVX-VNNI kernel with the AVX-512 encoding of `dpbusd`, which CPUs without AVX-VNNI run.
+/// Returns every packed kernel this CPU runs, by name. These are the kernels of the paths that
+/// pack, and the AVX-VNNI kernel with the AVX-512 encoding of `dpbusd`, which CPUs without
+/// AVX-VNNI run. The AMX kernel is also run alone, for the input counts its path leaves to
+/// the AVX-512 kernel.
 fn packed_kernels() -> Vec<(String, PackedKernel)> {
     let mut kernels: Vec<(String, PackedKernel)> = KernelPath::supported()
         .into_iter()
@@ -311,6 +313,18 @@ fn packed_kernels() -> Vec<(String, PackedKernel)> {
         });
         kernels.push(("avxvnni steps (EVEX)".to_string(), kernel));
     }
+    #[cfg(target_arch = "x86_64")]
+    if KernelPath::Amx.is_supported() {
+        let kernel: PackedKernel = Box::new(|out, stride, w, panels, xs| {
+            if w.group_size > x86_packed_amx::MAX_GROUP {
+                return KernelPath::Amx.matmul_packed(out, stride, w, panels, xs);
+            }
+            // SAFETY: AMX and AVX-512 are supported, the group fits a tile row, and the test
+            // sizes `out` and the inputs for the weights, as `matmul_packed` asserts.
+            unsafe { x86_packed_amx::matmul_packed(out, stride, w, panels, xs) }
+        });
+        kernels.push(("amx tiles for every input count".to_string(), kernel));
+    }
     kernels
 }
 
@@ -324,7 +338,8 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
     let mut rng = Lcg(99);
     // Rows that leave the last panel partly empty. 1 to 64 groups cover lanes with no groups and
     // several rounds of lanes. The group sizes cover both specialized widths and the general one.
-    // Input counts cover full and partial tiles.
+    // Input counts cover full and partial tiles (4 inputs for the AVX-512 kernel, 16 for AMX,
+    // which leaves a last tile of fewer than 10 inputs to the AVX-512 kernel).
     for &(rows, cols, gs) in &[
         (5, 288, 32),
         (16, 32, 32),
@@ -343,7 +358,7 @@ fn packed_matmul_matches_generic_matvec_bit_for_bit() {
     ] {
         let (w_q, w_s, _) = random_case(&mut rng, rows, cols, gs);
         let packed = PackedQ8::new(&w_q, &w_s, rows, cols, gs);
-        for n in [1, 2, 3, 4, 5, 7, 8, 9, 19] {
+        for n in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 30, 37] {
             let xs: Vec<QuantizedVec> = (0..n)
                 .map(|_| {
                     let x: Vec<f32> = (0..cols).map(|_| rng.unit() * 2.0).collect();

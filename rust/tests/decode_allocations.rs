@@ -48,7 +48,9 @@ const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const VOCAB: usize = 300;
 const SEQ_LEN: usize = 64;
-const MEM_LEN: usize = 8;
+/// A memory update multiplies 16 rows: one whole AMX tile where the `amx` path runs, whose
+/// working memory the first update allocates, before the count starts.
+const MEM_LEN: usize = 16;
 const GROUP_SIZE: usize = 32;
 
 /// Writes a Llama2RNN memory checkpoint with pseudo-random weights.
