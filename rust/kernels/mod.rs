@@ -6,7 +6,8 @@
 //! g % 8 of eight partial sums, which are added in a fixed tree at the end of the row: the
 //! order a SIMD path computes in, written out in `generic`. Integer sums are exact and the
 //! float steps run in the same order on every path, so every path returns bit-identical
-//! results to the portable one.
+//! results to the portable one. The one exception is a NaN result, whose sign and payload
+//! the hardware picks.
 //!
 //! Paths: `generic` (portable Rust, what runs on ARM and other targets), `avx2`, `avxvnni`
 //! (AVX2 with the 256-bit VNNI instructions of Intel cores that lack AVX-512), `avx512vnni`
@@ -229,6 +230,10 @@ impl KernelPath {
         assert!(
             out.len() >= (xs.len() - 1) * stride + rows,
             "matmul output too short"
+        );
+        assert!(
+            xs.len() == 1 || stride >= rows,
+            "matmul outputs of different inputs overlap"
         );
         let groups = w.cols / w.group_size;
         for x in xs {

@@ -454,6 +454,26 @@ fn packed_inputs_without_their_scales_are_rejected() {
 }
 
 #[test]
+fn packed_outputs_that_overlap_are_rejected() {
+    let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
+        eprintln!("no packed path on this CPU");
+        return;
+    };
+    let mut rng = Lcg(6);
+    let (w_q, w_s, x) = random_case(&mut rng, 16, 64, 32);
+    let packed = PackedQ8::new(&w_q, &w_s, 16, 64, 32);
+    let result = std::panic::catch_unwind(|| {
+        let mut out = vec![0.0; 32];
+        path.matmul_packed(&mut out, 8, &packed, 0..1, &[x.clone(), x.clone()]);
+    });
+    let message = result.expect_err("a stride shorter than the rows must be rejected");
+    assert_eq!(
+        message.downcast_ref::<&str>(),
+        Some(&"matmul outputs of different inputs overlap")
+    );
+}
+
+#[test]
 fn unsupported_paths_panic_instead_of_running() {
     for path in KernelPath::ALL.into_iter().filter(|p| !p.is_supported()) {
         let x = QuantizedVec {
