@@ -36,6 +36,9 @@ long
     toy20M, 1 thread, greedy decode up to ``--long-max`` tokens; tokens/s over the last
     1,000 tokens and RSS at 10^3, 10^4, 10^5 and 10^6 tokens. ``--long`` adds it.
 
+``--kernel`` forces llama2rnn's kernel path (default: the one detected), as
+``LLAMA2RNN_KERNEL`` does for the front ends.
+
 Every measurement runs in a fresh worker process (this script with ``--worker``), so
 peak RSS values do not mix. Progress goes to stderr and the markdown tables to stdout.
 llama.cpp columns are skipped with a note when ``llama_cpp`` or ``gguf`` is missing.
@@ -206,7 +209,7 @@ def run_llama2rnn_worker(task: Dict) -> Dict:
 
     rss_before_kib = proc_status_kib("VmRSS")
     start = time.perf_counter()
-    engine = Engine(task["path"], threads=task["threads"])
+    engine = Engine(task["path"], threads=task["threads"], kernel=task["kernel"])
     result: Dict[str, Any] = {"load_s": time.perf_counter() - start, "kernel": engine.kernel}
     config = engine.config
     vocab_size, mem_len = config["vocab_size"], config["mem_len"]
@@ -382,7 +385,7 @@ def run_long_worker(task: Dict) -> Dict:
     """Decode greedily up to task["max_tokens"] tokens, recording rate and RSS at checkpoints."""
     from llama2rnn._llama2rnn import Engine
 
-    engine = Engine(task["path"], threads=task["threads"])
+    engine = Engine(task["path"], threads=task["threads"], kernel=task["kernel"])
     vocab_size = engine.config["vocab_size"]
     engine.set_sampling(0.0, 1.0, SEED)
     engine.feed(token_ids(PROMPT_LENGTH, vocab_size))
@@ -544,6 +547,7 @@ class Settings:
     roof_repeats: int
     long_max: int
     sections: List[str]
+    kernel: str
 
 
 def decode_steps(settings: Settings, shape: Shape) -> int:
@@ -562,6 +566,7 @@ def engine_task(kind: str, files: ModelFiles, threads: int, settings: Settings, 
         "prefill_repeats": settings.prefill_repeats,
         "update_repeats": settings.update_repeats,
         "vocab_size": files.shape.vocab_size,
+        "kernel": settings.kernel,
     }
 
 
@@ -758,6 +763,7 @@ def section_long(files: ModelFiles, settings: Settings) -> Optional[Dict]:
             "path": str(files.llama2rnn),
             "threads": 1,
             "max_tokens": settings.long_max,
+            "kernel": settings.kernel,
         }
     )
 
@@ -1230,6 +1236,18 @@ def extension_build() -> str:
     return f"{path.name} built {built}, sha256 {digest}"
 
 
+def kernel_path(name: str) -> str:
+    """The kernel path the workers run: `name`, or the detected one for "auto"."""
+    from llama2rnn import _llama2rnn
+
+    if name == "auto":
+        return _llama2rnn.detected_kernel()
+    if name not in _llama2rnn.supported_kernels():
+        supported = ", ".join(_llama2rnn.supported_kernels())
+        raise SystemExit(f"kernel path {name!r} is not supported here: use auto or {supported}")
+    return name
+
+
 def git_commit() -> str:
     try:
         completed = subprocess.run(
@@ -1308,6 +1326,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     parser.add_argument(
+        "--kernel",
+        default="auto",
+        help="llama2rnn kernel path (see llama2rnn.supported_kernels(); default: detected)",
+    )
+    parser.add_argument(
         "--dir",
         type=Path,
         default=None,
@@ -1342,6 +1365,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         roof_repeats=args.roof_repeats,
         long_max=args.long_max,
         sections=sections,
+        kernel=args.kernel,
     )
     if args.quick:
         settings.rounds = 1
@@ -1372,6 +1396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "llama_cpp": llama_cpp_version() if with_cpp else f"skipped: {missing}",
         "extension": extension_build(),
+        "kernel": kernel_path(settings.kernel),
         "commit": git_commit(),
         "settings": asdict(settings),
     }
@@ -1401,7 +1426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lines = [
         f"Date: {results['date']}. Machine: {results['machine']}.",
         f"llama-cpp-python: {results['llama_cpp']}. Command: `{results['command']}`.",
-        f"llama2rnn: {results['extension']}; repository at {results['commit']}.",
+        f"llama2rnn: {results['extension']}, kernel path {results['kernel']}; repository at "
+        f"{results['commit']}.",
         "",
     ]
     cpp_info = first_llama_cpp_result(results)
