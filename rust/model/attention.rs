@@ -174,6 +174,8 @@ pub(super) fn fill_scores(
 ) {
     let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
     let scale = 1.0 / (head_size as f32).sqrt();
+    // Only the x86-64 block below advances `t` before the row loop.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut t = from;
     #[cfg(target_arch = "x86_64")]
     if head_size % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") {
@@ -209,6 +211,8 @@ fn weighted_values(
 ) {
     let (head_size, kv_dim, kv_mul) = (c.head_size(), c.kv_dim(), c.kv_mul());
     out[..heads.len() * head_size].fill(0.0);
+    // Only the x86-64 block below advances `t` before the row loop.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
     if head_size % 8 == 0 && std::arch::is_x86_feature_detected!("avx2") {
