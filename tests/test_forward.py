@@ -156,8 +156,11 @@ def run_tokens(model: Model, tokens: list[int]) -> np.ndarray:
     return np.stack([model.forward(t) for t in tokens])
 
 
-def test_kernel_paths_and_threads_agree_exactly(tmp_path):
-    # group size 64 takes the 64-byte SIMD loops; 32 the 32-byte ones.
+def kernel_test_models(tmp_path, mem_len: int, seed: int):
+    """Yield a small model's checkpoint at group sizes 64 and 32, and its config.
+
+    Group size 64 takes the 64-byte SIMD loops; 32 the 32-byte ones.
+    """
     config = Config(
         dim=128,
         hidden_dim=384,
@@ -165,14 +168,18 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
         n_heads=4,
         n_kv_heads=2,
         vocab_size=300,
-        seq_len=64,
-        mem_len=8,
+        seq_len=128,
+        mem_len=mem_len,
     )
     for group_size in (64, 32):
         path = tmp_path / f"gs{group_size}.bin"
-        checkpoint.write_llama2rnn(
-            path, config, checkpoint.random_weights(config, seed=3), group_size=group_size
-        )
+        weights = checkpoint.random_weights(config, seed=seed)
+        checkpoint.write_llama2rnn(path, config, weights, group_size=group_size)
+        yield path, config, group_size
+
+
+def test_kernel_paths_and_threads_agree_exactly(tmp_path):
+    for path, config, group_size in kernel_test_models(tmp_path, mem_len=8, seed=3):
         tokens = token_stream(20, config.vocab_size)
         expected = run_tokens(Model.load(path, threads=1, kernel="generic"), tokens)
         for kernel in llama2rnn.supported_kernels():
@@ -186,21 +193,7 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
 def test_kernel_paths_agree_exactly_on_batches(tmp_path):
     # M 27: prefill chunks and memory updates multiply 27 rows at once, which the amx path
     # takes as a full tile of 16 and a padded one of 11; the tokens cross two updates.
-    config = Config(
-        dim=128,
-        hidden_dim=384,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=300,
-        seq_len=128,
-        mem_len=27,
-    )
-    for group_size in (64, 32):
-        path = tmp_path / f"gs{group_size}.bin"
-        checkpoint.write_llama2rnn(
-            path, config, checkpoint.random_weights(config, seed=5), group_size=group_size
-        )
+    for path, config, group_size in kernel_test_models(tmp_path, mem_len=27, seed=5):
         tokens = token_stream(2 * config.mem_len + 5, config.vocab_size, seed=2)
         expected = run_tokens(Model.load(path, threads=1, kernel="generic"), tokens)[-1]
         for kernel in llama2rnn.supported_kernels():
