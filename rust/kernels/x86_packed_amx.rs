@@ -9,7 +9,7 @@
 //! `(sum * w_scale) * x_scale` to the accumulator of lane g % 8, and the lanes are summed in
 //! `generic::sum_lanes` order. Results are bit-identical to `generic`.
 //!
-//! A C tile holds one group only, since each group has its own scales. So every group's sums go
+//! A C tile takes one group only, since each group has its own scales. So every group's sums go
 //! through memory to the AVX-512 steps: about eight vector instructions per input and panel,
 //! for 512 products. Those steps, not the tile products, bound the kernel. On a Xeon it ran
 //! 128 inputs 1.0-1.3x as fast as the AVX-512 kernel, and 110M prefill 1.25x.
