@@ -1237,14 +1237,16 @@ def extension_build() -> str:
 
 
 def kernel_path(name: str) -> str:
-    """The kernel path the workers run: `name`, or the detected one for "auto"."""
+    """Return the kernel path the workers run: `name`, or the detected one for "auto"."""
     from llama2rnn import _llama2rnn
 
     if name == "auto":
         return _llama2rnn.detected_kernel()
     if name not in _llama2rnn.supported_kernels():
         supported = ", ".join(_llama2rnn.supported_kernels())
-        raise SystemExit(f"kernel path {name!r} is not supported here: use auto or {supported}")
+        raise SystemExit(
+            f"kernel path {name!r} is not supported on this CPU: use auto or {supported}"
+        )
     return name
 
 

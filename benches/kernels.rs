@@ -18,8 +18,8 @@ const SHAPES: &[(&str, &str, usize, usize)] = &[
     ("110M", "wcls", 32000, 768),
 ];
 
-/// Paths with kernels of their own for one input, row-major weights and quantizing: the amx
-/// path runs those of avx512vnni and differs only in batched packed products.
+/// Returns the paths with kernels of their own for one input, row-major weights and
+/// quantizing. The amx path runs those of avx512vnni and differs only in batched products.
 fn own_single_input_paths() -> impl Iterator<Item = KernelPath> {
     KernelPath::supported()
         .into_iter()

@@ -157,9 +157,9 @@ def run_tokens(model: Model, tokens: list[int]) -> np.ndarray:
 
 
 def kernel_test_models(tmp_path, mem_len: int, seed: int):
-    """Yield a small model's checkpoint at group sizes 64 and 32, and its config.
+    """Yield a small model's checkpoint path, config and group size, for sizes 64 and 32.
 
-    Group size 64 takes the 64-byte SIMD loops; 32 the 32-byte ones.
+    Group size 64 takes the 64-byte SIMD loops, and 32 the 32-byte ones.
     """
     config = Config(
         dim=128,
@@ -192,7 +192,7 @@ def test_kernel_paths_and_threads_agree_exactly(tmp_path):
 
 def test_kernel_paths_agree_exactly_on_batches(tmp_path):
     # M 27: prefill chunks and memory updates multiply 27 rows at once, which the amx path
-    # takes as a full tile of 16 and a padded one of 11; the tokens cross two updates.
+    # takes as a full tile of 16 and a padded one of 11. The tokens cross two updates.
     for path, config, group_size in kernel_test_models(tmp_path, mem_len=27, seed=5):
         tokens = token_stream(2 * config.mem_len + 5, config.vocab_size, seed=2)
         expected = run_tokens(Model.load(path, threads=1, kernel="generic"), tokens)[-1]

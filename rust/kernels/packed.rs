@@ -19,7 +19,7 @@
 //!
 //! Rows past the end of the matrix, in the last panel, have weight 0 and scale 0.
 
-// Only the x86-64 paths run packed weights; elsewhere the type stays for the same API.
+// Only the x86-64 paths run packed weights. Elsewhere the type remains, so the API is the same.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use std::ops::Range;

@@ -423,10 +423,28 @@ fn packed_zero_columns_give_zero_rows() {
     }
 }
 
+/// Returns the first path that packs weights of group size 32, or `None` (with a line on
+/// stderr) where the CPU has none.
+fn any_packed_path() -> Option<KernelPath> {
+    let path = KernelPath::supported().into_iter().find(|p| p.packs(32));
+    if path.is_none() {
+        eprintln!("no packed path on this CPU");
+    }
+    path
+}
+
+/// Runs `call`, which must panic, and returns its panic message.
+fn rejection_message(call: impl FnOnce() + std::panic::UnwindSafe) -> &'static str {
+    let payload = std::panic::catch_unwind(call).expect_err("the call must be rejected");
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .expect("a panic with a fixed message")
+}
+
 #[test]
 fn packed_inputs_without_their_scales_are_rejected() {
-    let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
-        eprintln!("no packed path on this CPU");
+    let Some(path) = any_packed_path() else {
         return;
     };
     let mut rng = Lcg(5);
@@ -441,36 +459,28 @@ fn packed_inputs_without_their_scales_are_rejected() {
         ..x.clone()
     };
     for bad in [short_scales, short_sums] {
-        let result = std::panic::catch_unwind(|| {
+        let message = rejection_message(|| {
             let mut out = vec![0.0; 16];
             path.matmul_packed(&mut out, 16, &packed, 0..1, &[bad]);
         });
-        let message = result.expect_err("a short input must be rejected");
-        assert_eq!(
-            message.downcast_ref::<&str>(),
-            Some(&"input shape mismatch")
-        );
+        assert_eq!(message, "input shape mismatch");
     }
 }
 
 #[test]
-fn packed_outputs_that_overlap_are_rejected() {
-    let Some(path) = KernelPath::supported().into_iter().find(|p| p.packs(32)) else {
-        eprintln!("no packed path on this CPU");
+fn packed_overlapping_outputs_are_rejected() {
+    let Some(path) = any_packed_path() else {
         return;
     };
     let mut rng = Lcg(6);
     let (w_q, w_s, x) = random_case(&mut rng, 16, 64, 32);
     let packed = PackedQ8::new(&w_q, &w_s, 16, 64, 32);
-    let result = std::panic::catch_unwind(|| {
+    // A stride of 8 is shorter than the 16 rows, so the two inputs' outputs would overlap.
+    let message = rejection_message(|| {
         let mut out = vec![0.0; 32];
         path.matmul_packed(&mut out, 8, &packed, 0..1, &[x.clone(), x.clone()]);
     });
-    let message = result.expect_err("a stride shorter than the rows must be rejected");
-    assert_eq!(
-        message.downcast_ref::<&str>(),
-        Some(&"matmul outputs of different inputs overlap")
-    );
+    assert_eq!(message, "matmul outputs of different inputs overlap");
 }
 
 #[test]

@@ -15,8 +15,8 @@
 //! 128 inputs 1.0-1.3x as fast as the AVX-512 kernel, and 110M prefill 1.25x.
 //!
 //! The tile instructions are written as inline assembly: their intrinsics are not stable Rust.
-//! Linux lends the tile registers to a process only after it asks (`arch_prctl`), which
-//! [`available`] does once.
+//! Linux lets a process use the tile registers only after it requests them (`arch_prctl`),
+//! which [`available`] does once.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -62,12 +62,12 @@ fn request_tile_data() -> bool {
 
 #[cfg(not(target_os = "linux"))]
 fn request_tile_data() -> bool {
-    // NOTE: only Linux's request for the tile registers is written; elsewhere the AVX-512
-    // kernel runs.
+    // NOTE: only the Linux request for the tile registers is written. On other systems the
+    // `amx` path is not offered.
     false
 }
 
-/// The tile configuration `ldtilecfg` reads (palette 1).
+/// The tile configuration that `ldtilecfg` reads (palette 1).
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -113,7 +113,7 @@ struct Block([f32; PANEL * TILE_INPUTS]);
 /// go through. Kept between calls, so that a batch allocates only the first time.
 #[derive(Default)]
 struct Scratch {
-    /// Input b's values at row b, `cols` bytes apart; padding rows are zero.
+    /// Input b's values at row b, `cols` bytes apart. Padding rows are zero.
     x: Vec<i8>,
     /// `128 * sum(x)` of group g of input b at `g * padded + b`.
     corrections: Vec<i32>,
@@ -135,7 +135,8 @@ thread_local! {
 }
 
 impl Scratch {
-    /// Copies the inputs into tile order, padded to whole A tiles; returns the padded count.
+    /// Copies the inputs into tile order, padded to whole A tiles, and returns the padded
+    /// count.
     fn gather(&mut self, xs: &[QuantizedVec], cols: usize, groups: usize) -> usize {
         let padded = xs.len().div_ceil(TILE_INPUTS) * TILE_INPUTS;
         self.x.clear();
@@ -191,7 +192,7 @@ pub unsafe fn matmul_packed(
                     let mut p = run.start;
                     while p < run.end {
                         let two_panels = run.end - p > 1;
-                        let at = Block2 {
+                        let at = TileBlock {
                             w,
                             panel: p,
                             first_input: i0,
@@ -216,7 +217,7 @@ pub unsafe fn matmul_packed(
 }
 
 /// Up to two input tiles by two panels: the C tiles one pass over the groups fills.
-struct Block2<'a> {
+struct TileBlock<'a> {
     w: &'a PackedQ8,
     panel: usize,
     first_input: usize,
@@ -284,15 +285,15 @@ fn lane_target(step: usize) -> usize {
     }
 }
 
-impl Block2<'_> {
+impl TileBlock<'_> {
     /// Multiplies `NP` panels by `NI` input tiles and writes their outputs, `out` pointing at
     /// the first panel's first row of input 0.
     ///
     /// The tile products of each group are issued before the AVX-512 steps of the group
-    /// before it, whose sums lie in the other of two sums blocks. On a Xeon this ran 0-20%
-    /// faster than finishing each group before the next. The tile products and the AVX-512
-    /// steps still took about as long as the two apart (without the AVX-512 steps, the
-    /// products of 128 inputs ran at 360-415 GMAC/s; with them, 200-230).
+    /// before it, whose sums are in the other of two sums blocks. On a Xeon this ran 0-20%
+    /// faster than finishing each group before the next. Still, the tile products and the
+    /// AVX-512 steps took about as long as the two apart. Without the AVX-512 steps, the
+    /// products of 128 inputs ran at 360-415 GMAC/s, and with them at 200-230.
     ///
     /// # Safety
     /// As for [`matmul_packed`], with the tile configuration loaded.
@@ -321,7 +322,7 @@ impl Block2<'_> {
             corrections: scratch.corrections.as_ptr(),
             x_scales: scratch.x_scales.as_ptr(),
         };
-        // SAFETY: forwarded from the caller; `visits` runs through the panel's groups.
+        // SAFETY: forwarded from the caller, and `visits` runs through the panel's groups.
         unsafe {
             let mut pending: Option<Visit> = None;
             for v in visits(w.cols / w.group_size) {
@@ -340,12 +341,12 @@ impl Block2<'_> {
     }
 }
 
-/// The pointers of one [`Block2`]: `NI` input tiles by `NP` panels.
+/// The pointers of one [`TileBlock`]: `NI` input tiles by `NP` panels.
 ///
-/// Methods, not closures: a closure does not inherit its function's target features, so its
-/// AVX-512 steps would compile to calls.
+/// Methods, not closures: `multiply` has no target features of its own (it is inlined into
+/// `matmul_packed`), so closures inside it compiled without AVX-512 and called each step.
 struct Tiles<'a, const NI: usize, const NP: usize> {
-    at: &'a Block2<'a>,
+    at: &'a TileBlock<'a>,
     weights: [*const u8; NP],
     scales: [*const f32; NP],
     /// Inputs of each A tile that exist: their sums are scaled, the padding's are not.
@@ -358,10 +359,10 @@ struct Tiles<'a, const NI: usize, const NP: usize> {
 }
 
 impl<const NI: usize, const NP: usize> Tiles<'_, NI, NP> {
-    /// Block `which` of C tile (i, p).
+    /// Returns block `role` (a sums block, [`LANE`] or a [`TREE`] block) of C tile (i, p).
     #[inline(always)]
-    fn block(&self, i: usize, p: usize, which: usize) -> *mut f32 {
-        let index = (2 * i + p) * BLOCKS_PER_TILE + which;
+    fn block(&self, i: usize, p: usize, role: usize) -> *mut f32 {
+        let index = (2 * i + p) * BLOCKS_PER_TILE + role;
         // SAFETY: 4 C tiles of BLOCKS_PER_TILE blocks each were allocated by `gather`.
         unsafe { self.blocks.add(index * PANEL * TILE_INPUTS) }
     }
@@ -376,7 +377,7 @@ impl<const NI: usize, const NP: usize> Tiles<'_, NI, NP> {
     /// Runs the tile products of group `v`, leaving the sums in the C tiles.
     ///
     /// # Safety
-    /// As for [`Block2::multiply`].
+    /// As for [`TileBlock::multiply`].
     #[inline(always)]
     unsafe fn issue(&self, v: &Visit) {
         let (gs, cols) = (self.at.w.group_size, self.at.w.cols);
@@ -394,7 +395,7 @@ impl<const NI: usize, const NP: usize> Tiles<'_, NI, NP> {
     /// Scales group `v`'s sums into its lane and adds the lanes it completes into the tree.
     ///
     /// # Safety
-    /// As for [`Block2::multiply`], after [`Self::issue`] of `v`.
+    /// As for [`TileBlock::multiply`], after [`Self::issue`] of `v`.
     #[inline(always)]
     unsafe fn finish(&self, v: &Visit) {
         let sums = self.sums(v);
@@ -429,8 +430,8 @@ impl<const NI: usize, const NP: usize> Tiles<'_, NI, NP> {
         }
     }
 
-    /// Adds the lane of `step` into the tree of C tile (i, p) once it is complete: the tree
-    /// of `generic::sum_lanes`, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), with
+    /// Adds the completed lane of `step` into the tree of C tile (i, p). The tree is that of
+    /// `generic::sum_lanes`, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), with
     /// operands in the same order.
     ///
     /// # Safety
@@ -446,7 +447,7 @@ impl<const NI: usize, const NP: usize> Tiles<'_, NI, NP> {
             _ => &[],
         };
         for &(dst, src) in pairs {
-            // SAFETY: forwarded from the caller; every block has 16 rows.
+            // SAFETY: forwarded from the caller, and every block has 16 rows.
             unsafe { add_into(self.block(i, p, dst), self.block(i, p, src), self.valid[i]) };
         }
     }
@@ -470,7 +471,7 @@ impl<const NI: usize, const NP: usize> Tiles<'_, NI, NP> {
                     let b = self.at.first_input + i * TILE_INPUTS + m;
                     // SAFETY: forwarded from the caller.
                     unsafe {
-                        // With no groups the tree was never written; every row is 0.
+                        // With no groups the tree was never written, and every row is 0.
                         let row = if no_groups {
                             _mm512_setzero_ps()
                         } else {
