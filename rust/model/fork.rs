@@ -1,4 +1,4 @@
-//! Fork-join for the short parallel loops of a decode step.
+//! Fork-join for the short parallel loops of a decode step and of a batch.
 //!
 //! A decode step forks a few dozen times, and each half takes a few to a few hundred
 //! microseconds. When the thread that forked finishes its half before the other thread
@@ -11,6 +11,10 @@
 //! of a fork differ by up to twice (one product beside two), so a stolen half that started
 //! about when its own did is done by then. If it is not, its thread has lost its core, and
 //! the spin still costs less than the tick a yield would.
+//!
+//! Batches (prefill chunks) fork the same way. With rayon's parallel iterators, a thread that
+//! ran out of tasks before the others often fell asleep, and waking it when the last task
+//! ended took 50-150 us on a 2-vCPU VM: a quarter of an attention step on toy20M.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

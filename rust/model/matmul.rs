@@ -1,7 +1,5 @@
 //! Matrix products of the forward pass, split across the model's threads.
 
-use rayon::prelude::*;
-
 use super::{fork, Transformer};
 use crate::kernels::{self, PackedQ8, QuantizedVec, PANEL};
 use crate::weights::{Matrix, MatrixData};
@@ -78,10 +76,11 @@ impl Transformer {
             return;
         }
         let per_task = n.div_ceil(self.threads * TASKS_PER_THREAD).max(1);
-        out.par_chunks_mut(per_task * rows)
-            .zip(x.par_chunks(per_task * cols))
-            .zip(xq.par_chunks(per_task))
-            .for_each(|((out, x), xq)| self.matmul_serial(out, w, x, xq));
+        fork::for_each_chunk(out, per_task * rows, &|i, out| {
+            let inputs = i * per_task..(i * per_task + per_task).min(n);
+            let x = &x[inputs.start * cols..inputs.end * cols];
+            self.matmul_serial(out, w, x, &xq[inputs]);
+        });
     }
 
     fn matmul_serial(&self, out: &mut [f32], w: &Matrix, x: &[f32], xq: &[QuantizedVec]) {

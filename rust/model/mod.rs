@@ -208,6 +208,41 @@ impl Transformer {
         }
     }
 
+    /// Runs `f(i, chunk)` for every chunk `i` of `size` elements of `data`: forked with
+    /// [`fork::join`] where loops may split, else in order on this thread.
+    fn for_each_chunk<T: Send>(
+        &self,
+        data: &mut [T],
+        size: usize,
+        f: &(impl Fn(usize, &mut [T]) + Sync),
+    ) {
+        if self.parallel() {
+            fork::for_each_chunk(data, size, f);
+        } else {
+            data.chunks_mut(size.max(1))
+                .enumerate()
+                .for_each(|(i, chunk)| f(i, chunk));
+        }
+    }
+
+    /// As [`Self::for_each_chunk`] for chunks of two slices taken side by side.
+    fn for_each_chunk_pair<A: Send, B: Send>(
+        &self,
+        a: (&mut [A], usize),
+        b: (&mut [B], usize),
+        f: &(impl Fn(usize, &mut [A], &mut [B]) + Sync),
+    ) {
+        let ((a, a_size), (b, b_size)) = (a, b);
+        if self.parallel() {
+            fork::for_each_chunk_pair(a, a_size, b, b_size, f);
+        } else {
+            a.chunks_mut(a_size.max(1))
+                .zip(b.chunks_mut(b_size.max(1)))
+                .enumerate()
+                .for_each(|(i, (a, b))| f(i, a, b));
+        }
+    }
+
     /// Returns whether loops may split across threads, which is only on a thread of this
     /// model's pool and outside [`Self::serially`]. Work the governor keeps on the calling
     /// thread then never reaches another pool, even when the caller is itself a thread of

@@ -1,8 +1,6 @@
 //! Batched prefill: tokens known in advance go through each layer together, so every weight
 //! matrix is read once per batch instead of once per token.
 
-use rayon::prelude::*;
-
 use super::attention::{attention, attention_tile, TILE};
 use super::ffn::{Ffn, FfnBuffers};
 use super::ops::{add_in_place, rmsnorm};
@@ -134,7 +132,7 @@ impl Transformer {
             let keys = &key_cache[layer_cache..layer_cache + rows * kv_dim];
             let values = &value_cache[layer_cache..layer_cache + rows * kv_dim];
             let (queries, stride) = (&b.q, c.n_heads * rows);
-            let attend = |(k, (out, scores)): (usize, (&mut [f32], &mut [f32]))| {
+            let attend = |k: usize, out: &mut [f32], scores: &mut [f32]| {
                 let first = k * TILE;
                 if out.len() == TILE * dim {
                     let q = &queries[first * dim..(first + TILE) * dim];
@@ -152,17 +150,8 @@ impl Transformer {
                     attention(q, keys, values, row, &c, all, out, scores);
                 }
             };
-            if self.parallel() {
-                let outs = b.a[..n * dim].par_chunks_mut(TILE * dim);
-                outs.zip(b.scores.par_chunks_mut(TILE * stride))
-                    .enumerate()
-                    .for_each(attend);
-            } else {
-                let outs = b.a[..n * dim].chunks_mut(TILE * dim);
-                outs.zip(b.scores.chunks_mut(TILE * stride))
-                    .enumerate()
-                    .for_each(attend);
-            }
+            let tiles = (&mut b.a[..n * dim], TILE * dim);
+            self.for_each_chunk_pair(tiles, (&mut b.scores[..], TILE * stride), &attend);
 
             // The attention outputs become this chunk's memory rows.
             if c.is_memory_model() {

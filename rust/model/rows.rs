@@ -2,8 +2,6 @@
 //! the model's threads in blocks of rows. Each row's arithmetic is that of the single-row
 //! functions, so the split does not change any result.
 
-use rayon::prelude::*;
-
 use super::ops::{rmsnorm_rows, swiglu};
 use super::Transformer;
 use crate::kernels::QuantizedVec;
@@ -16,20 +14,13 @@ impl Transformer {
     /// `out` = rmsnorm of each row of `x` with weights `w`, quantized into `xq` (one per row).
     pub(super) fn norm_rows(&self, out: &mut [f32], x: &[f32], w: &[f32], xq: &mut [QuantizedVec]) {
         let dim = w.len();
-        let block = |((out, x), xq): ((&mut [f32], &[f32]), &mut [QuantizedVec])| {
-            rmsnorm_rows(out, x, w);
+        self.for_each_chunk_pair((out, BLOCK * dim), (xq, BLOCK), &|i, out, xq| {
+            let first = i * BLOCK * dim;
+            rmsnorm_rows(out, &x[first..first + out.len()], w);
             for (row, q) in out.chunks_exact(dim).zip(xq) {
                 self.prepare(row, q);
             }
-        };
-        if self.parallel() {
-            out.par_chunks_mut(BLOCK * dim)
-                .zip(x.par_chunks(BLOCK * dim))
-                .zip(xq.par_chunks_mut(BLOCK))
-                .for_each(block);
-        } else {
-            block(((out, x), xq));
-        }
+        });
     }
 
     /// `a = silu(a) * b` for each row of width `width`, each quantized into `aq`.
@@ -40,35 +31,22 @@ impl Transformer {
         width: usize,
         aq: &mut [QuantizedVec],
     ) {
-        let block = |((a, b), aq): ((&mut [f32], &[f32]), &mut [QuantizedVec])| {
+        self.for_each_chunk_pair((a, BLOCK * width), (aq, BLOCK), &|i, a, aq| {
+            let b = &b[i * BLOCK * width..];
             for ((a, b), q) in a.chunks_exact_mut(width).zip(b.chunks_exact(width)).zip(aq) {
                 swiglu(a, b);
                 self.prepare(a, q);
             }
-        };
-        if self.parallel() {
-            a.par_chunks_mut(BLOCK * width)
-                .zip(b.par_chunks(BLOCK * width))
-                .zip(aq.par_chunks_mut(BLOCK))
-                .for_each(block);
-        } else {
-            block(((a, b), aq));
-        }
+        });
     }
 
     /// Quantizes each row of `x` (width `width`) into `xq`.
     pub(super) fn quantize_rows(&self, x: &[f32], width: usize, xq: &mut [QuantizedVec]) {
-        let block = |(x, xq): (&[f32], &mut [QuantizedVec])| {
+        self.for_each_chunk(xq, BLOCK, &|i, xq| {
+            let x = &x[i * BLOCK * width..];
             for (row, q) in x.chunks_exact(width).zip(xq) {
                 self.prepare(row, q);
             }
-        };
-        if self.parallel() {
-            x.par_chunks(BLOCK * width)
-                .zip(xq.par_chunks_mut(BLOCK))
-                .for_each(block);
-        } else {
-            block((x, xq));
-        }
+        });
     }
 }
