@@ -41,7 +41,8 @@ impl Transformer {
             if n == 1 {
                 self.forward(state, batch[0])?;
             } else {
-                self.forward_batch(state, batch);
+                // Only the last batch's logits are left to the caller.
+                self.forward_batch(state, batch, tail.is_empty());
             }
             rest = tail;
         }
@@ -50,7 +51,8 @@ impl Transformer {
 
     /// Runs `tokens`, which all fall in the current chunk (or fit the context of a plain
     /// model), through the layers as one batch, then the memory update if the chunk is done.
-    fn forward_batch(&self, state: &mut State, tokens: &[u32]) {
+    /// The classifier runs on the last token only if `logits` is set.
+    fn forward_batch(&self, state: &mut State, tokens: &[u32], logits: bool) {
         let c = *self.config();
         let (first_row, chunk_pos) = if c.is_memory_model() {
             let chunk_pos = (state.position % c.mem_len as u64) as usize;
@@ -58,7 +60,12 @@ impl Transformer {
         } else {
             (state.position as usize, 0)
         };
-        self.run(|| self.forward_batch_layers(state, tokens, first_row, chunk_pos));
+        self.run(|| {
+            self.forward_batch_layers(state, tokens, first_row, chunk_pos);
+            if logits {
+                self.batch_logits(state, tokens.len());
+            }
+        });
         state.position += tokens.len() as u64;
         if c.is_memory_model() && chunk_pos + tokens.len() == c.mem_len {
             self.update_chunk(state);
@@ -180,12 +187,15 @@ impl Transformer {
             };
             self.ffn_batch(&ffn, &mut b.x, n, buffers);
         }
+    }
 
-        // Logits of the last token only: nothing reads the others.
-        let s = &mut scratch.logits;
-        let last = &b.x[(n - 1) * dim..n * dim];
-        rmsnorm(&mut scratch.xb, last, self.weights.rms_final);
-        self.prepare(&scratch.xb, &mut scratch.xq);
-        self.matvec(s, &self.weights.wcls, &scratch.xb, &scratch.xq);
+    /// Sets the logits from the last of the `n` rows of a batch: nothing reads the others.
+    fn batch_logits(&self, state: &mut State, n: usize) {
+        let dim = self.config().dim;
+        let s = &mut state.scratch;
+        let last = &s.batch.x[(n - 1) * dim..n * dim];
+        rmsnorm(&mut s.xb, last, self.weights.rms_final);
+        self.prepare(&s.xb, &mut s.xq);
+        self.matvec(&mut s.logits, &self.weights.wcls, &s.xb, &s.xq);
     }
 }
