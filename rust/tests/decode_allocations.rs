@@ -4,6 +4,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+mod common;
+
+use common::{temp_checkpoint, write_checkpoint, MEM_LEN, VOCAB};
 use llama2rnn::{Options, Sampler, Transformer};
 
 struct CountingAllocator;
@@ -41,70 +44,10 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
-const DIM: usize = 64;
-const HIDDEN: usize = 128;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const VOCAB: usize = 300;
-const SEQ_LEN: usize = 64;
-/// A memory update multiplies 16 rows: one whole AMX tile where the `amx` path runs, whose
-/// working memory the first update allocates, before the count starts.
-const MEM_LEN: usize = 16;
-const GROUP_SIZE: usize = 32;
-
-/// Writes a Llama2RNN memory checkpoint with pseudo-random weights.
-fn write_checkpoint(path: &std::path::Path) {
-    let mut state = 1u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let mut out = Vec::new();
-    out.extend_from_slice(&0x616b_3432u32.to_le_bytes());
-    out.extend_from_slice(&2i32.to_le_bytes());
-    for v in [
-        DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ_LEN, MEM_LEN,
-    ] {
-        out.extend_from_slice(&(v as i32).to_le_bytes());
-    }
-    out.push(1); // shared classifier
-    out.extend_from_slice(&(GROUP_SIZE as i32).to_le_bytes());
-    out.resize(256, 0);
-    let mut f32s = |out: &mut Vec<u8>, n: usize, base: f32| {
-        for _ in 0..n {
-            let v = base + (next() % 1000) as f32 / 5000.0 - 0.1;
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    };
-    for _ in 0..4 {
-        f32s(&mut out, LAYERS * DIM, 1.0); // rms_att, rms_ffn, rms_mem, rms_mff
-    }
-    f32s(&mut out, LAYERS * MEM_LEN * DIM, 0.0); // ori_mem
-    f32s(&mut out, DIM, 1.0); // rms_final
-    let kv_dim = DIM / HEADS * KV_HEADS;
-    let q8 = |out: &mut Vec<u8>, n: usize| {
-        out.extend((0..n).map(|i| ((i * 37 + 11) % 255) as u8));
-        for _ in 0..n / GROUP_SIZE {
-            out.extend_from_slice(&0.002f32.to_le_bytes());
-        }
-    };
-    q8(&mut out, VOCAB * DIM);
-    for size in [DIM * DIM, kv_dim * DIM, kv_dim * DIM, DIM * DIM] {
-        (0..LAYERS).for_each(|_| q8(&mut out, size)); // wq, wk, wv, wo
-    }
-    for _ in 0..6 {
-        (0..LAYERS).for_each(|_| q8(&mut out, DIM * HIDDEN)); // w1, w2, w3, aw1, aw2, aw3
-    }
-    std::fs::write(path, out).expect("the temp folder is writable");
-}
-
 #[test]
 fn decode_allocates_nothing() {
     COUNTING.with(|c| c.set(true));
-    let path = std::env::temp_dir().join(format!("llama2rnn-alloc-{}.bin", std::process::id()));
+    let path = temp_checkpoint("alloc");
     write_checkpoint(&path);
     let model = Transformer::open(&path, &Options::default()).expect("valid checkpoint");
     let mut state = model.new_state().expect("small state");
