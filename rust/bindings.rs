@@ -8,7 +8,7 @@ use numpy::PyArray1;
 use pyo3::create_exception;
 use pyo3::exceptions::{
     PyArithmeticError, PyFileNotFoundError, PyIsADirectoryError, PyMemoryError, PyOSError,
-    PyPermissionError, PyRuntimeError, PyValueError,
+    PyOverflowError, PyPermissionError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -19,6 +19,12 @@ use crate::kernels::KernelPath;
 use crate::memory_file::{self, SessionInfo};
 use crate::model::{Options, State, Transformer, UpdateMode};
 use crate::sampler::Sampler;
+
+/// Tokens per engine call in `Engine.feed`, which runs Python's signal handlers between
+/// calls, so that Ctrl-C waits for one piece instead of the whole feed. Each piece ends with
+/// a run of the classifier and may split a chunk into two batches, which costs little next to
+/// the products of 1,024 tokens.
+const FEED_PIECE: usize = 1024;
 
 create_exception!(
     _llama2rnn,
@@ -206,8 +212,12 @@ impl Engine {
     }
 
     /// Feeds one token and returns a copy of the logits for the next one.
-    fn forward<'py>(&self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let token = self.check_token(token)?;
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        token: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let token = self.token_id(token)?;
         let mut session = self.session()?;
         let (model, state) = (&self.model, &mut session.state);
         py.detach(|| model.forward(state, token).map(|_| ()))
@@ -222,24 +232,28 @@ impl Engine {
 
     /// Feeds tokens without returning logits, in batches of up to a chunk; the last one's
     /// logits are kept for `sample`. A plain model rejects tokens past seq_len before
-    /// feeding any.
-    fn feed(&self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
-        let tokens = tokens
-            .into_iter()
-            .map(|t| self.check_token(t))
-            .collect::<PyResult<Vec<_>>>()?;
+    /// feeding any. Between pieces of [`FEED_PIECE`] tokens it runs Python's signal
+    /// handlers, so Ctrl-C stops a long feed there, with the tokens before it consumed.
+    fn feed(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
+        let tokens = self.token_ids(tokens)?;
         let mut session = self.session()?;
         let (model, state) = (&self.model, &mut session.state);
-        py.detach(|| model.feed(state, &tokens)).map_err(to_py)
+        model.check_room(state, tokens.len()).map_err(to_py)?;
+        for piece in tokens.chunks(FEED_PIECE) {
+            py.detach(|| model.feed(state, piece)).map_err(to_py)?;
+            py.check_signals()?;
+        }
+        Ok(())
     }
 
     /// Feeds all tokens but the last, one at a time, and returns the negative log-likelihood
     /// (nats) of each token after the first given what came before it.
-    fn score<'py>(&self, py: Python<'py>, tokens: Vec<i64>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let tokens = tokens
-            .into_iter()
-            .map(|t| self.check_token(t))
-            .collect::<PyResult<Vec<_>>>()?;
+    fn score<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let tokens = self.token_ids(tokens)?;
         let mut session = self.session()?;
         let (model, state) = (&self.model, &mut session.state);
         let losses = py.detach(|| model.score(state, &tokens)).map_err(to_py)?;
@@ -352,6 +366,29 @@ impl Engine {
             return Err(to_py(Error::TokenOutOfRange { token, vocab_size }));
         }
         Ok(token as u32)
+    }
+
+    /// Converts a Python integer to a token id of this model. Integers beyond 64 bits get the
+    /// same out-of-range error as the others, not an overflow.
+    fn token_id(&self, token: &Bound<'_, PyAny>) -> PyResult<u32> {
+        match token.extract::<i64>() {
+            Ok(id) => self.check_token(id),
+            Err(e) if e.is_instance_of::<PyOverflowError>(token.py()) => {
+                Err(PyValueError::new_err(format!(
+                    "token id {token} is out of range: the model's vocab_size is {}",
+                    self.model.config().vocab_size
+                )))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Converts an iterable of Python integers to token ids, checking each.
+    fn token_ids(&self, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+        tokens
+            .try_iter()?
+            .map(|token| self.token_id(&token?))
+            .collect()
     }
 }
 

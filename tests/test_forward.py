@@ -332,10 +332,58 @@ def test_reset_restores_initial_state(tmp_path):
 
 def test_forward_rejects_out_of_range_token(tmp_path):
     model = Model.load(write_random(tmp_path, "llama2rnn", SMALL), threads=1)
-    for token in (-1, SMALL.vocab_size, 2**40):
+    for token in (-1, SMALL.vocab_size, 2**40, 2**63, -(2**70)):
         with pytest.raises(ValueError, match="out of range"):
             model.forward(token)
     assert model.position == 0
+
+
+def test_feed_rejects_token_beyond_64_bits(tmp_path):
+    model = Model.load(write_random(tmp_path, "llama2rnn", SMALL), threads=1)
+    with pytest.raises(ValueError, match=f"token id {2**64} is out of range"):
+        model.feed([1, 2**64, 3])
+    assert model.position == 0
+
+
+def test_signal_stops_long_feed_between_pieces(tmp_path):
+    """A signal handler that raises ends a long feed after the piece that was running, and
+    the tokens consumed until then stay consumed."""
+    engine = llama2rnn._llama2rnn.Engine(
+        str(write_random(tmp_path, "llama2rnn", SMALL)), threads=1, kernel="generic"
+    )
+    tokens = token_stream(200_000, SMALL.vocab_size)
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Stop):
+            engine.feed(tokens)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert 0 < engine.position < len(tokens)
+    # The state goes on exactly as one that was fed the same prefix in one call.
+    prefix = tokens[: engine.position]
+    other = llama2rnn._llama2rnn.Engine(str(engine.path), threads=1, kernel="generic")
+    other.feed(prefix)
+    assert np.array_equal(engine.logits(), other.logits())
+
+
+def test_kernel_variable_names_itself_when_invalid(tmp_path, monkeypatch):
+    path = write_random(tmp_path, "llama2rnn", SMALL)
+    monkeypatch.setenv("LLAMA2RNN_KERNEL", "sse9")
+    with pytest.raises(ValueError, match="LLAMA2RNN_KERNEL='sse9'"):
+        Model.load(path, threads=1)
+    monkeypatch.setenv("LLAMA2RNN_KERNEL", "")
+    assert Model.load(path, threads=1).kernel == llama2rnn.detected_kernel()
+    monkeypatch.setenv("LLAMA2RNN_KERNEL", "generic")
+    assert Model.load(path, threads=1).kernel == "generic"
 
 
 def test_unknown_kernel_and_mode_raise(tmp_path):

@@ -30,6 +30,21 @@ TOKENIZER_NAMES = ("tokenizer.bin", "tokenizer.model")
 SINGLE_THREAD_MAX_BYTES = 64 * 2**20
 
 
+def default_kernel() -> str:
+    """Return the kernel path used when none is given: `LLAMA2RNN_KERNEL` when set and not
+    empty, else "auto" (the fastest path the CPU supports)."""
+    value = os.environ.get("LLAMA2RNN_KERNEL", "").strip()
+    if not value:
+        return "auto"
+    supported = _llama2rnn.supported_kernels()
+    if value != "auto" and value not in supported:
+        raise ValueError(
+            f"LLAMA2RNN_KERNEL={value!r} is not a kernel path this CPU supports: set it to "
+            f"auto or one of {', '.join(supported)}, or unset it"
+        )
+    return value
+
+
 def default_threads(checkpoint_bytes: int | None = None) -> int:
     """Return the thread count used when none is given: `LLAMA2RNN_THREADS`, else 1 for a
     checkpoint under `SINGLE_THREAD_MAX_BYTES`, else the CPUs this process may run on."""
@@ -127,7 +142,7 @@ class Model:
         if threads is None:
             threads = default_threads(path.stat().st_size if path.is_file() else None)
         if kernel is None:
-            kernel = os.environ.get("LLAMA2RNN_KERNEL", "auto")
+            kernel = default_kernel()
         engine = _llama2rnn.Engine(
             str(path), threads=threads, mode=mode, kernel=kernel, expected_format=expected_format
         )
@@ -147,6 +162,11 @@ class Model:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def kernel(self) -> str:
+        """Kernel path that runs the products, such as "avx512vnni" (see `supported_kernels()`)."""
+        return self._engine.kernel
 
     @property
     def format(self) -> str:

@@ -294,6 +294,8 @@ type PackedKernel = Box<dyn Fn(&mut [f32], usize, &PackedQ8, Range<usize>, &[Qua
 /// AVX-VNNI run. The AMX kernel is also run alone, for the input counts its path leaves to
 /// the AVX-512 kernel.
 fn packed_kernels() -> Vec<(String, PackedKernel)> {
+    // Only the x86 kernels below are added to the list.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut kernels: Vec<(String, PackedKernel)> = KernelPath::supported()
         .into_iter()
         .filter(|p| p.packs(32))

@@ -20,12 +20,7 @@ impl Transformer {
                 vocab_size: c.vocab_size,
             });
         }
-        if !c.is_memory_model() && state.position + tokens.len() as u64 > c.seq_len as u64 {
-            return Err(Error::ContextFull {
-                seq_len: c.seq_len,
-                position: (state.position as usize).saturating_add(tokens.len()),
-            });
-        }
+        self.check_room(state, tokens.len())?;
         self.ready_window(state);
         let mut rest = tokens;
         while !rest.is_empty() {
@@ -45,6 +40,19 @@ impl Transformer {
                 self.forward_batch(state, batch, tail.is_empty());
             }
             rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Returns an error if a plain model has no room for `tokens` more tokens in its
+    /// context. Memory models always have room.
+    pub fn check_room(&self, state: &State, tokens: usize) -> Result<()> {
+        let c = self.config();
+        if !c.is_memory_model() && state.position + tokens as u64 > c.seq_len as u64 {
+            return Err(Error::ContextFull {
+                seq_len: c.seq_len,
+                position: (state.position as usize).saturating_add(tokens),
+            });
         }
         Ok(())
     }
