@@ -212,13 +212,13 @@ impl Transformer {
     }
 }
 
-/// The most slots per task of a memory update on the pool: a batch of M slots splits into
-/// one task per thread and layer, up to this size. Every task reads all its layer's memory
-/// weights, so smaller tasks read them more often. On 110M (5.9 MB of them per layer) at 2
-/// threads, tasks of 64 slots took 15.5-18.0 ms per update against 19.6-21.2 with 16, and
-/// 25.0-25.8 against 31.0-33.0 on the `avx512vnni` path; on toy20M the sizes measured alike
-/// (Xeon). Tasks shrink to no fewer than `MIN_TASK_ROWS` slots so that every thread gets a
-/// lane.
+/// The maximum slots per task of a memory update on the pool. A batch of M slots splits
+/// into one task per thread and layer, of at most this many slots. Every task reads all of
+/// its layer's memory weights, so smaller tasks read them more often. On 110M (5.9 MB of
+/// them per layer) at 2 threads on a Xeon, tasks of 64 slots took 15.5-18.0 ms per update
+/// against 19.6-21.2 with 16, and 25.0-25.8 against 31.0-33.0 on the `avx512vnni` path. On
+/// toy20M both sizes measured alike. Tasks shrink to no fewer than `MIN_TASK_ROWS` slots so
+/// that every thread gets a lane.
 const TASK_ROWS: usize = 64;
 const MIN_TASK_ROWS: usize = 4;
 /// The maximum number of lanes (threads) of a memory update.

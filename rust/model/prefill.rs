@@ -59,7 +59,7 @@ impl Transformer {
 
     /// Runs `tokens`, which all fall in the current chunk (or fit the context of a plain
     /// model), through the layers as one batch, then the memory update if the chunk is done.
-    /// The classifier runs on the last token only if `logits` is set.
+    /// Runs the classifier on the last token only if `logits` is set.
     fn forward_batch(&self, state: &mut State, tokens: &[u32], logits: bool) {
         let c = *self.config();
         let (first_row, chunk_pos) = if c.is_memory_model() {
